@@ -1,0 +1,1 @@
+"""imgpipe: folders of labelled images to a trained, evaluated and tracked classifier."""

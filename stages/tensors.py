@@ -1,0 +1,68 @@
+"""Tensor storage on disk: one memory-mappable .npy file per split, plus meta.json.
+
+Layout of data/tensors/:
+    meta.json         classes, image size, resize mode, mean/std, counts, data version
+    train_x.npy       (N, 3, S, S) normalised images, float16
+    train_y.npy       (N,) int64 labels
+    val_x.npy, val_y.npy
+Rows keep the order of data/manifest.csv within each split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.common import UserError
+
+SPLITS = ("train", "val")
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """Read meta.json of a tensor folder."""
+    path = Path(folder) / "meta.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run `dvc repro preprocess` first") from None
+
+
+def split_files(folder: str | Path, split: str) -> tuple[Path, Path]:
+    """Paths of the image and label files of one split."""
+    return Path(folder) / f"{split}_x.npy", Path(folder) / f"{split}_y.npy"
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """A Dataset over one split's memory-mapped tensors; files open lazily in each worker."""
+
+    def __init__(self, folder: str | Path, split: str):
+        self.x_path, self.y_path = split_files(folder, split)
+        self.labels = np.load(self.y_path)
+        self._x: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        """The (N, 3, S, S) array, memory-mapped on first use."""
+        if self._x is None:  # opened here, not in __init__, so workers never pickle a mmap
+            self._x = np.load(self.x_path, mmap_mode="r")
+        return self._x
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(np.array(self.images[i])), torch.tensor(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read a whole batch with one sorted fancy-index: far faster than per-item reads."""
+        order = np.sort(np.asarray(indices))
+        return torch.from_numpy(self.images[order]), torch.from_numpy(self.labels[order])
+
+
+def as_batch(batch: Any) -> Any:
+    """collate_fn for SplitDataset: __getitems__ already returns a stacked batch."""
+    return batch

@@ -1,0 +1,152 @@
+"""The MLflow side of every stage: where the store is, and the run each stage logs into."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.common import UserError, repo_root
+
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the sqlite store at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, in one line, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+                pass
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise UserError(
+                f"MLflow server {uri} is unreachable ({reason}): start it, "
+                "or unset MLFLOW_TRACKING_URI to use the local store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"MLflow store folder {folder} is missing or not writable: "
+                            "fix it or set MLFLOW_TRACKING_URI")
+
+
+def connect(experiment: str) -> str:
+    """Point MLflow at the store and return the id of `experiment`, creating it if needed."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Absolute, so that runs from `dvc exp run --temp` keep their artifacts.
+            location = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException as err:
+        if mlflow.get_experiment_by_name(experiment) is not None:  # another process made it
+            return mlflow.get_experiment_by_name(experiment).experiment_id
+        raise UserError(f"MLflow store {uri} cannot be used: {str(err).splitlines()[0]}") from None
+
+
+def file_digest(path: str | Path, length: int = 12) -> str:
+    """A short sha256 of a file: the data version when applied to the manifest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def git_commit() -> str | None:
+    """The git commit the run starts from: DVC's baseline inside experiments, else HEAD."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def run_tags(stage: str, data_version: str | None) -> dict[str, str]:
+    """Tags that say which stage, DVC experiment, git commit and data produced a run."""
+    tags = {"imgpipe.stage": stage}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.commit"] = commit
+    if data_version:
+        tags["data.version"] = data_version
+    return tags
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3}, the way MLflow shows params."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextlib.contextmanager
+def stage_run(experiment: str, stage: str, params: dict[str, Any],
+              data_version: str | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """Start (or, with run_id, continue) the MLflow run a stage logs into."""
+    import mlflow
+
+    experiment_id = connect(experiment)
+    if run_id is not None and not _run_exists(run_id):
+        print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
+        run_id = None
+    if run_id is None:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
+                               tags=run_tags(stage, data_version))
+    else:
+        run = mlflow.start_run(run_id=run_id)
+    with run:
+        if params:
+            mlflow.log_params(flatten(params))
+        yield run
+
+
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def metric_key(name: str) -> str:
+    """Replace characters MLflow refuses in metric names (class names can hold anything)."""
+    return re.sub(r"[^\w.\- /]", "_", name)
+
+
+def _run_name(stage: str) -> str:
+    name = os.environ.get("DVC_EXP_NAME")
+    return f"{name}-{stage}" if name else stage
