@@ -52,7 +52,8 @@ def main() -> None:
     val = SplitDataset(TENSORS, "val")
     loader = torch.utils.data.DataLoader(val, batch_size=int(params["train"]["batch_size"]),
                                          collate_fn=as_batch)
-    logits, labels = predict(model.to(device), loader, device)
+    meta = read_meta(TENSORS)
+    logits, labels = predict(model.to(device), loader, device, meta)
     result = score(logits, labels, classes)
     write_json(METRICS, result)
     names = pd.Series(classes)
@@ -60,13 +61,14 @@ def main() -> None:
                                        "predicted": names[logits.argmax(1).numpy()].to_numpy()}))
 
     experiment = params.get("mlflow", {}).get("experiment", "imgpipe")
-    with tracking.stage_run(experiment, "evaluate", {}, read_meta(TENSORS)["data_version"],
+    with tracking.stage_run(experiment, "evaluate", {}, meta["data_version"],
                             run_id=checkpoint.get("run_id")):
         import mlflow
 
         flat = {f"eval_{k}": v for k, v in result.items() if k != "per_class"}
         for cls, scores in result["per_class"].items():
-            flat |= {tracking.metric_key(f"eval_{k}.{cls}"): v for k, v in scores.items() if k != "support"}
+            flat |= {tracking.metric_key(f"eval_{k}.{cls}"): v
+                     for k, v in scores.items() if k != "support"}
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(METRICS))
     print(f"val accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}, "

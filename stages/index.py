@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -84,7 +84,8 @@ def walk(raw: Path) -> Walk:
                 elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                     found.images.append((path, entry.name))
                 else:
-                    found.skipped[f"not an image ({Path(name).suffix.lower() or 'no extension'})"] += 1
+                    kind = Path(name).suffix.lower() or "no extension"
+                    found.skipped[f"not an image ({kind})"] += 1
     return found
 
 
@@ -233,7 +234,8 @@ def build_manifest(raw: Path, val_fraction: float, max_pixels: int, workers: int
     counts = frame["class"].value_counts()
     for cls in found.classes:
         if cls not in counts:
-            rejects.append((f"{raw.as_posix()}/{cls}", "class folder has no usable images: excluded"))
+            rejects.append((f"{raw.as_posix()}/{cls}",
+                            "class folder has no usable images: excluded"))
     classes = sorted(counts.index)
     if len(frame) == 0 or len(classes) < 2:
         raise UserError(f"found {len(frame)} usable images in {len(classes)} class folders under "

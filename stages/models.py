@@ -86,13 +86,15 @@ def autocast(device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Any, device: torch.device
+def predict(model: nn.Module, loader: Any, device: torch.device, meta: dict[str, Any]
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run model over a loader of (images, labels); returns float32 logits and labels on the CPU."""
+    from stages.tensors import to_device
+
     model.eval()
     logits, labels = [], []
     for x, y in loader:
-        x = x.to(device, non_blocking=True).float()
+        x = to_device(x, device, meta)
         with autocast(device):
             logits.append(model(x).float().cpu())
         labels.append(y)

@@ -46,9 +46,8 @@ def _decode(job: tuple[str, str, int, str, str]) -> tuple[np.ndarray | None, str
         return None, f"{path} could not be decoded ({err}): run `dvc repro` to re-index"
     target = Path(cache) / sha[:2] / f"{sha}.npy"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, pixels)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, pixels)
     return pixels, ""
 
 

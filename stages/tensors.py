@@ -66,3 +66,18 @@ class SplitDataset(torch.utils.data.Dataset):
 def as_batch(batch: Any) -> Any:
     """collate_fn for SplitDataset: __getitems__ already returns a stacked batch."""
     return batch
+
+
+def to_device(x: torch.Tensor, device: torch.device, meta: dict[str, Any]) -> torch.Tensor:
+    """Move a stored batch to the device as float32 model input.
+
+    Every consumer of data/tensors goes through here, so the storage dtype can
+    change (float16 already normalised, or uint8 normalised on the device)
+    without touching the training loop.
+    """
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
+        std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+    return x.float()

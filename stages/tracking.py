@@ -7,10 +7,13 @@ import hashlib
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from stages.common import UserError, repo_root
 
@@ -150,3 +153,66 @@ def metric_key(name: str) -> str:
 def _run_name(stage: str) -> str:
     name = os.environ.get("DVC_EXP_NAME")
     return f"{name}-{stage}" if name else stage
+
+
+class RunLogger:
+    """Logs into one MLflow run, and keeps going if the store goes away mid-run.
+
+    Training must never be lost because tracking failed: after the first error
+    every call is skipped, and `unlogged()` says what did not reach the store.
+    """
+
+    def __init__(self, run_id: str):
+        import mlflow
+
+        self.run_id = run_id
+        self.client = mlflow.MlflowClient()
+        self.error: str | None = None
+        self.missed: Counter = Counter()
+
+    def _call(self, what: str, count: int, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.error is None:
+            try:
+                fn(*args, **kwargs)
+                return
+            except Exception as err:  # noqa: BLE001 - any store failure is handled the same way
+                self.error = str(err).splitlines()[0][:200]
+                print(f"warning: MLflow logging failed ({self.error}); "
+                      "training goes on, outputs are still written locally")
+        self.missed[what] += count
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        """Log several metrics at one step."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
+        self._call("metric values", len(batch), self.client.log_batch, self.run_id,
+                   metrics=batch)
+
+    def series(self, key: str, values: list[float], first_step: int) -> None:
+        """Log a run of values of one metric at consecutive steps (e.g. the loss of each step)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+        for start in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+            self._call("metric values", len(batch[start:start + 1000]), self.client.log_batch,
+                       self.run_id, metrics=batch[start:start + 1000])
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """Upload one file into the run's artifacts."""
+        self._call(f"artifact {Path(path).name}", 1, self.client.log_artifact, self.run_id,
+                   str(path), folder)
+
+    def tags(self, values: dict[str, str]) -> None:
+        """Set tags on the run."""
+        for key, value in values.items():
+            self._call("tags", 1, self.client.set_tag, self.run_id, key, value)
+
+    def unlogged(self) -> str | None:
+        """One line on what never reached the store, or None if everything did."""
+        if self.error is None:
+            return None
+        lost = ", ".join(f"{n} {what}" for what, n in self.missed.items())
+        return f"MLflow store failed ({self.error}): not logged: {lost or 'nothing yet'}"

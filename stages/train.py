@@ -22,7 +22,7 @@ from tqdm import tqdm
 from stages import tracking
 from stages.common import UserError, atomic_path, cli, load_params, write_csv, write_json
 from stages.models import autocast, create_model, pick_device, predict
-from stages.tensors import SplitDataset, as_batch, read_meta
+from stages.tensors import SplitDataset, as_batch, read_meta, to_device
 
 TENSORS = Path("data/tensors")
 MODEL = Path("models/model.pt")
@@ -67,14 +67,14 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float
 
 def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
                 scheduler: Any, loss_fn: nn.Module, device: torch.device,
-                desc: str) -> tuple[float, float, list[float]]:
+                meta: dict[str, Any], desc: str) -> tuple[float, float, list[float]]:
     """One pass over the training data; returns mean loss, accuracy and each step's loss."""
     model.train()
     step_losses: list[float] = []
     correct = seen = 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False)
     for x, y in bar:
-        x = x.to(device, non_blocking=True).float()
+        x = to_device(x, device, meta)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
@@ -91,9 +91,9 @@ def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
 
 
 def evaluate_loss(model: nn.Module, loader: Any, loss_fn: nn.Module,
-                  device: torch.device) -> tuple[float, float]:
+                  device: torch.device, meta: dict[str, Any]) -> tuple[float, float]:
     """Mean loss and accuracy over a loader."""
-    logits, labels = predict(model, loader, device)
+    logits, labels = predict(model, loader, device, meta)
     if len(labels) == 0:
         return float("nan"), float("nan")
     return loss_fn(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
@@ -112,9 +112,6 @@ def save_model(path: Path, model: nn.Module, meta: dict[str, Any], extra: dict[s
 
 def train(params: dict[str, Any], run: Any) -> dict[str, Any]:
     """Fit the model described by params; write the model, the epoch log and metrics."""
-    import mlflow
-    from mlflow.entities import Metric
-
     p = params["train"]
     lr, epochs, batch_size = float(params["lr"]), int(p["epochs"]), int(p["batch_size"])
     generator = seed_everything(int(p["seed"]))
@@ -129,7 +126,7 @@ def train(params: dict[str, Any], run: Any) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, epochs * len(train_loader)))
     loss_fn = nn.CrossEntropyLoss()
-    client = mlflow.MlflowClient()
+    log = tracking.RunLogger(run.info.run_id)
     print(f"training {p['model']} on {device}: {len(train_set)} train / {len(val_set)} val "
           f"images, {len(meta['classes'])} classes, {epochs} epochs")
 
@@ -139,10 +136,10 @@ def train(params: dict[str, Any], run: Any) -> dict[str, Any]:
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
         train_loss, train_acc, losses = train_epoch(
-            model, train_loader, optimizer, scheduler, loss_fn, device,
+            model, train_loader, optimizer, scheduler, loss_fn, device, meta,
             desc=f"epoch {epoch}/{epochs}")
         seconds = time.perf_counter() - epoch_start
-        val_loss, val_acc = evaluate_loss(model, val_loader, loss_fn, device)
+        val_loss, val_acc = evaluate_loss(model, val_loader, loss_fn, device, meta)
         if not np.isfinite(train_loss):
             raise UserError(f"loss became {train_loss} in epoch {epoch}: the learning rate "
                             f"(lr={lr}) is probably too high; lower it and rerun")
@@ -151,11 +148,9 @@ def train(params: dict[str, Any], run: Any) -> dict[str, Any]:
                "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
                "images_per_second": len(train_set) / seconds}
         history.append(row)
-        now = int(time.time() * 1000)
-        step_metrics = [Metric("step_loss", v, now, step + i) for i, v in enumerate(losses)]
+        log.series("step_loss", losses, step)
         step += len(losses)
-        epoch_metrics = [Metric(k, float(v), now, epoch) for k, v in row.items() if k != "epoch"]
-        client.log_batch(run.info.run_id, metrics=step_metrics + epoch_metrics)
+        log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         print(f"epoch {epoch:>3}/{epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
               f"val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
 
@@ -167,6 +162,8 @@ def train(params: dict[str, Any], run: Any) -> dict[str, Any]:
     summary |= {"epochs": epochs, "seconds": round(time.perf_counter() - started, 2),
                 "device": device.type, "mlflow_run_id": run.info.run_id}
     write_json(METRICS, summary)
+    if log.unlogged():
+        print(f"warning: {log.unlogged()}")
     return summary
 
 

@@ -40,7 +40,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str
     proc = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+                             f"--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
 
 
