@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, the documented way (see module docstring)."""
     if img.mode in SIXTEEN_BIT or img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))  # NaN in float TIFFs: 0
         top = 65535.0 if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         img = Image.fromarray(arr)

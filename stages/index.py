@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import tracking
-from stages.common import UserError, cli, load_params, repo_root, write_csv, write_json
+from stages.common import UserError, atomic_path, cli, load_params, repo_root, write_csv, write_json
 from stages.imaging import IMAGE_EXTENSIONS, to_rgb
 
 RAW = Path("data/raw")
@@ -126,7 +126,12 @@ def walk(raw: Path) -> Walk:
                         "(or `dvc pull` them)")
     root = raw.resolve()
     found = Walk()
-    for entry in sorted(os.scandir(raw), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(raw), key=lambda e: e.name)
+    except OSError as err:
+        raise UserError(f"{raw.as_posix()} cannot be read ({err.strerror}): "
+                        "fix its permissions") from None
+    for entry in entries:
         path = _shown(entry.path)
         if is_hidden(entry.name):
             found.skipped[HIDDEN] += 1
@@ -153,37 +158,43 @@ def _walk_class(found: Walk, class_dir: str, cls: str, root: Path) -> None:
     """Add the images below one class folder, nested folders included."""
     top = Path(os.path.realpath(class_dir))
     seen: dict[str, str] = {}  # real folder -> the path it was first walked as
-
-    def unreadable(err: OSError) -> None:
-        found.rejects.append((_shown(err.filename), f"unreadable folder: {err.strerror}; "
-                                                     "fix its permissions"))
-
-    for folder, dirs, files in os.walk(class_dir, onerror=unreadable, followlinks=True):
+    folders = [class_dir]
+    while folders:
+        folder = folders.pop()
         real = os.path.realpath(folder)
         outside = _outside(Path(real), top, root)
         if outside or real in seen:
             reason = outside or (f"symlink loop: same folder as {_shown(seen[real])}; "
                                  "walked once")
             found.rejects.append((_shown(folder), reason))
-            dirs[:] = []
             continue
         seen[real] = folder
-        found.skipped[HIDDEN] += sum(is_hidden(d) for d in dirs)
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            if is_hidden(name):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            found.rejects.append((_shown(folder), f"unreadable folder: {err.strerror}; "
+                                                  "fix its permissions"))
+            continue
+        subfolders = []
+        for entry in entries:
+            if is_hidden(entry.name):
                 found.skipped[HIDDEN] += 1
-            elif not _is_image_name(name):
-                found.skipped[_kind_of_file(name)] += 1
-            elif not _is_utf8(path):
-                found.rejects.append((_shown(path), "name is not valid UTF-8: rename it"))
-            elif not os.path.exists(path):
-                found.rejects.append((_shown(path), "broken symlink: its target does not exist"))
-            elif outside := _outside(Path(os.path.realpath(path)), top, root):
-                found.rejects.append((_shown(path), outside))
+            elif entry.is_dir():  # follows a symlink; where it leads is checked when walked
+                subfolders.append(entry.path)
+            elif not _is_image_name(entry.name):
+                found.skipped[_kind_of_file(entry.name)] += 1
+            elif not _is_utf8(entry.path):
+                found.rejects.append((_shown(entry.path), "name is not valid UTF-8: rename it"))
+            elif not entry.is_symlink():
+                found.images.append((_shown(entry.path), cls))
+            elif not os.path.exists(entry.path):
+                found.rejects.append((_shown(entry.path),
+                                      "broken symlink: its target does not exist"))
+            elif outside := _outside(Path(os.path.realpath(entry.path)), top, root):
+                found.rejects.append((_shown(entry.path), outside))
             else:
-                found.images.append((_shown(path), cls))
+                found.images.append((_shown(entry.path), cls))
+        folders.extend(reversed(subfolders))
 
 
 def _outside(real: Path, top: Path, root: Path) -> str:
@@ -196,11 +207,11 @@ def _outside(real: Path, top: Path, root: Path) -> str:
 
 
 def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _kind_of_file(name: str) -> str:
-    return f"not an image ({Path(name).suffix.lower() or 'no extension'})"
+    return f"not an image ({os.path.splitext(name)[1].lower() or 'no extension'})"
 
 
 def _is_utf8(text: str) -> bool:
@@ -213,7 +224,9 @@ def _is_utf8(text: str) -> bool:
 
 def _shown(path: str) -> str:
     """A path as the outputs show it: posix, with undecodable bytes escaped."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+    if not _is_utf8(path):
+        path = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path.replace(os.sep, "/") if os.sep != "/" else path
 
 
 # ---------------------------------------------------------------- checking one file
@@ -352,18 +365,25 @@ def _stat_key(path: str) -> str | None:
 def drop_duplicates(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Same bytes in two classes: reject every copy. Same bytes twice in one class: keep one."""
     rows = rows.sort_values("path", kind="stable")
-    by_hash = rows.groupby("sha256")
-    ambiguous = by_hash["class"].transform("nunique") > 1
-    repeated = rows.duplicated("sha256") & ~ambiguous
-    classes = by_hash["class"].agg(lambda c: ", ".join(sorted(set(c))))
-    first = by_hash["path"].first()
-    rejects = [(path, f"same image in several classes: identical bytes in {classes[sha]}; "
-                      "the label is ambiguous, so keep it in one class only")
-               for path, sha in rows.loc[ambiguous, ["path", "sha256"]].itertuples(index=False)]
-    rejects += [(path, f"duplicate in its class: identical bytes to {first[sha]}, "
-                       "which is kept")
-                for path, sha in rows.loc[repeated, ["path", "sha256"]].itertuples(index=False)]
-    return rows[~ambiguous & ~repeated], rejects
+    copies = rows[rows.duplicated("sha256", keep=False)]
+    classes: dict[str, set[str]] = {}
+    for sha, cls in zip(copies["sha256"], copies["class"]):
+        classes.setdefault(sha, set()).add(cls)
+    kept: dict[str, str] = {}  # sha256 -> the path kept, the first in path order
+    dropped, rejects = [], []
+    for i, path, sha in zip(copies.index, copies["path"], copies["sha256"]):
+        if len(classes[sha]) > 1:
+            rejects.append((path, "same image in several classes: identical bytes in "
+                                  f"{', '.join(sorted(classes[sha]))}; the label is ambiguous, "
+                                  "so keep it in one class only"))
+        elif sha in kept:
+            rejects.append((path, f"duplicate in its class: identical bytes to {kept[sha]}, "
+                                  "which is kept"))
+        else:
+            kept[sha] = path
+            continue
+        dropped.append(i)
+    return rows.drop(index=dropped), rejects
 
 
 def assign_splits(rows: pd.DataFrame, val_fraction: float,
@@ -375,11 +395,13 @@ def assign_splits(rows: pd.DataFrame, val_fraction: float,
     class, so a fresh index of the same files always gives the same split. A class
     with a single image is only ever trained on.
     """
+    known_all = pd.Series([previous.get(sha, "") for sha in rows["sha256"]], index=rows.index,
+                          dtype=object)  # "" for an image never seen before
     split = pd.Series("train", index=rows.index, dtype=object)
     for _, group in rows.groupby("class", sort=False):
         if len(group) < 2:
             continue
-        known = group["sha256"].map(lambda sha: previous.get(sha, ""))
+        known = known_all[group.index]
         split[group.index] = known.where(known != "", "train")
         target = max(1, round(val_fraction * len(group))) if val_fraction > 0 else 0
         need = target - int((known == "val").sum())
@@ -471,7 +493,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"skipped {summary['skipped']} files and folders that are not images:")
         for kind, n in summary["skipped_by_reason"].items():
             print(f"  {n:>6}  {kind}")
-    print(f"checked {summary['checked']} files, reused earlier checks of {summary['reused']}")
+    print(f"checked {summary['checked']} new or changed files, "
+          f"reused {summary['reused']} earlier checks")
     for cls in summary["single_image_classes"]:
         print(f"warning: class {cls!r} has a single image: it is trained on but never "
               "validated; add more images to it")
@@ -521,7 +544,8 @@ def load_cache(max_pixels: int) -> dict[str, Any]:
 def save_cache(cache: dict[str, Any]) -> None:
     """Write the cache; failing to write it only costs time on the next run."""
     try:
-        write_json(cache_path(), cache)
+        with atomic_path(cache_path()) as tmp:  # compact: it holds a line per file
+            tmp.write_text(json.dumps(cache, separators=(",", ":")), encoding="utf-8")
     except OSError as err:
         print(f"warning: could not write the index cache {cache_path()}: {err.strerror}",
               file=sys.stderr)
@@ -558,10 +582,11 @@ def main() -> None:
 
         mlflow.log_metrics({k: summary[k] for k in ("images", "classes", "train", "val",
                                                    "rejected", "skipped", "checked", "reused")})
-        mlflow.log_metrics({tracking.metric_key(f"rejected.{k}"): v
-                            for k, v in summary["rejects_by_reason"].items()})
         mlflow.log_metrics({tracking.metric_key(f"class.{c}"): n["train"] + n["val"]
                             for c, n in summary["per_class"].items()})
+        if summary["rejects_by_reason"]:
+            mlflow.log_metrics({tracking.metric_key(f"rejected.{k}"): v
+                                for k, v in summary["rejects_by_reason"].items()})
         mlflow.log_artifact(str(REJECTS))
 
 

@@ -123,6 +123,9 @@ def write_corpus(repo: Path, outside: Path, dvc_safe: bool = False) -> list[Expe
     image(f"{RAW}/Dog Photos/cmyk.jpg", "JPEG", "CMYK")
     image(f"{RAW}/Dog Photos/cmyk.tif", "TIFF", "CMYK")
     image(f"{RAW}/Dog Photos/gray16.tif", "TIFF", "I;16")
+    floats = np.random.default_rng(next(seed)).uniform(0, 4000, SIZE[::-1]).astype(np.float32)
+    put(f"{RAW}/Dog Photos/float32.tif", encode(Image.fromarray(floats), "TIFF"),
+        "manifest", "Dog Photos")
     gray16 = Image.frombytes("I;16", SIZE, pack("<H", 32768) * (SIZE[0] * SIZE[1]))
     put(GRAY16, encode(gray16, "PNG"), "manifest", "Dog Photos")
     clear = Image.frombytes("RGBA", SIZE, np.random.default_rng(next(seed)).bytes(480))

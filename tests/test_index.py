@@ -114,8 +114,8 @@ def test_summary_reads_well(corpus, capsys):
     index.print_summary(summary)
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert lines[0] == "indexed 28 images in 6 classes: 22 train, 6 val"
-    assert "  Dog Photos      10       3" in lines  # a table of classes, with train and val
+    assert lines[0] == "indexed 29 images in 6 classes: 23 train, 6 val"
+    assert "  Dog Photos      11       3" in lines  # a table of classes, with train and val
     assert "rejected 22 entries (see data/rejects.csv):" in lines
     assert "       4  not an image" in lines  # grouped by kind of reason
     assert "       5  hidden (name starts with '.')" in lines
@@ -310,7 +310,7 @@ def test_dvc_repro_on_a_messy_tree_then_more_images(tmp_path):
     expect = write_corpus(repo, tmp_path / "outside", dvc_safe=True)
     dvc(repo, "add", "-q", "data/raw")
     out = dvc(repo, "repro", "index").stdout
-    assert "indexed 228 images in 16 classes" in out
+    assert "indexed 229 images in 16 classes" in out
     assert "warning: class 'single' has a single image" in out
     first = pd.read_csv(repo / "data/manifest.csv", keep_default_na=False)
     rejects = pd.read_csv(repo / "data/rejects.csv", keep_default_na=False)
@@ -323,7 +323,7 @@ def test_dvc_repro_on_a_messy_tree_then_more_images(tmp_path):
     grown = pd.read_csv(repo / "data/manifest.csv", keep_default_na=False)
     assert splits_of(grown[grown["path"].isin(first["path"])]) == splits_of(first)
     metrics = json.loads((repo / "metrics/index.json").read_text())
-    assert (metrics["images"], metrics["checked"]) == (248, 20)
+    assert (metrics["images"], metrics["checked"]) == (249, 20)
     assert metrics["reused"] == before["checked"] + before["reused"]
 
     runs = [r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "index"]
@@ -331,7 +331,7 @@ def test_dvc_repro_on_a_messy_tree_then_more_images(tmp_path):
     latest = runs[0]
     assert latest.data.tags["data.version"] == metrics["data_version"]
     assert latest.data.tags["data.version"] != runs[1].data.tags["data.version"]
-    assert latest.data.metrics["images"] == 248
+    assert latest.data.metrics["images"] == 249
     assert latest.data.metrics["classes"] == 16
     assert latest.data.metrics["rejected.too many pixels"] == 1
     assert latest.data.metrics["class.single"] == 1
