@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,7 +165,7 @@ def write_class(raw: Path, cls: str, count: int, start: int = 0) -> None:
     """count distinct tiny PNGs in raw/cls, numbered from start."""
     (raw / cls).mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):
-        seed = hash((cls, i)) % 2**32
+        seed = zlib.crc32(f"{cls}/{i}".encode())  # hash() differs between runs
         (raw / cls / f"{i:04d}.png").write_bytes(encode(noise("L", seed, (4, 4)), "PNG"))
 
 
