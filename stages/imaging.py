@@ -5,9 +5,15 @@ images exactly as it saw its training images.
 
 Mode conversions, all ending in 8-bit RGB:
 - EXIF orientation is applied first.
-- Transparency (RGBA, LA, palette with a transparent colour) is composited on white.
-- 16- and 32-bit grayscale (I;16, I, F) is scaled from its full range down to 8 bits.
-- CMYK, palette, 1-bit and 8-bit grayscale go through Pillow's own RGB conversion.
+- 16-bit grayscale (I;16, I;16B, I;16L) is scaled from 0..65535 down to 0..255.
+  32-bit modes (I, F) are scaled the same way if any value exceeds 255, else
+  taken as 0..255 as they are; values outside the range are clipped.
+- Transparency (RGBA, LA, PA, or a transparent colour in a palette, grayscale or
+  RGB image) is composited on a fixed white background, so a transparent area
+  always looks the same to the model.
+- CMYK, palette, 1-bit, 8-bit grayscale, YCbCr, LAB and HSV go through Pillow's
+  own RGB conversion (CMYK ignores any embedded ICC profile).
+- Animated GIF and multi-page TIFF: only the first frame is used.
 """
 
 from __future__ import annotations
@@ -20,21 +26,21 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RESIZE_MODES = ("squash", "crop")
 BACKGROUND = (255, 255, 255)
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, the documented way (see module docstring)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    if img.mode in SIXTEEN_BIT or img.mode in ("I", "F"):
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))  # NaN in float TIFFs: 0
+        top = 65535.0 if img.mode in SIXTEEN_BIT or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(arr, "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        img = Image.fromarray(arr)
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # also turns a transparent colour into alpha
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
