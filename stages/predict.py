@@ -91,7 +91,7 @@ def decode(path: Path, checkpoint: dict[str, Any]) -> tuple[np.ndarray | None, s
             return None, "not an image Pillow can read (corrupt or unsupported format)"
         if isinstance(err, OSError) and err.strerror:
             return None, f"unreadable: {err.strerror}"
-        return None, f"{type(err).__name__}: {err}"
+        return None, f"corrupt image ({err or type(err).__name__})"
 
 
 def model_input(pixels: list[np.ndarray], checkpoint: dict[str, Any],

@@ -154,7 +154,7 @@ def test_unseen_digits_are_classified_at_the_models_accuracy(clone_built, tmp_pa
     out = tmp_path / "predictions.csv"
     proc = run([sys.executable, "-m", "stages.predict", str(unseen), "--top-k", "3",
                 "--csv", str(out)], repo)
-    assert "broken.png: not an image Pillow can read" in proc.stderr
+    assert "broken.png: corrupt image (Truncated File Read)" in proc.stderr
     table = pd.read_csv(out, keep_default_na=False)
     assert len(table) == 101
     ok = table[table["error"] == ""]
