@@ -1,78 +1,245 @@
-"""Evaluate stage: score the held-out split and log it into the training run.
+"""Evaluate stage: score the held-out split, draw it, and log it into the training run.
 
 Outputs:
-    metrics/eval.json      accuracy, macro F1, loss, and per-class precision/recall/F1
-    metrics/confusion.csv  actual,predicted class names per val image (DVC confusion plot)
+    metrics/eval.json       accuracy, top-k accuracy, macro/weighted F1, loss, and per class
+                            precision, recall, F1 and support (a DVC metrics file)
+    metrics/confusion.csv   actual,predicted class names per val image (DVC confusion plot)
+    metrics/per_class.csv   class,precision,recall,f1,support (DVC bar plot)
+    plots/*.png             confusion matrix, loss curves, F1 per class, confident mistakes
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from sklearn import metrics as skm
 
-from stages import tracking
-from stages.common import cli, load_params, write_csv, write_json
+from stages import plots, tracking
+from stages.common import UserError, cli, load_params, write_csv, write_json
 from stages.models import load_checkpoint, pick_device, predict
 from stages.tensors import SplitDataset, as_batch, read_meta
 
 TENSORS = Path("data/tensors")
+MANIFEST = Path("data/manifest.csv")
 MODEL = Path("models/model.pt")
+EPOCHS_LOG = Path("metrics/epochs.csv")
 METRICS = Path("metrics/eval.json")
 CONFUSION = Path("metrics/confusion.csv")
+PER_CLASS = Path("metrics/per_class.csv")
+PLOTS = Path("plots")
+THUMBNAIL = 96  # pixels: the longest side of a gallery image
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, loss, macro F1 and per-class scores, from scikit-learn."""
+# ---------------------------------------------------------------- scores
+
+def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
+          top_k: int = 3) -> dict[str, Any]:
+    """Accuracy, top-k accuracy, loss, macro/weighted F1 and per-class scores, from scikit-learn.
+
+    Top-k accuracy is left out when k is not between 2 and the number of classes - 1,
+    where it would only repeat accuracy or always be 1.
+    """
     y_true, y_pred = labels.numpy(), logits.argmax(1).numpy()
     ids = list(range(len(classes)))
     report = skm.classification_report(y_true, y_pred, labels=ids, target_names=classes,
                                        output_dict=True, zero_division=0)
-    return {
-        "accuracy": skm.accuracy_score(y_true, y_pred),
+    result: dict[str, Any] = {"accuracy": skm.accuracy_score(y_true, y_pred)}
+    if 2 <= top_k < len(classes):
+        probs = torch.softmax(logits.float(), 1).numpy()
+        result[f"top{top_k}_accuracy"] = skm.top_k_accuracy_score(y_true, probs, k=top_k,
+                                                                   labels=ids)
+    result |= {
         "macro_f1": report["macro avg"]["f1-score"],
-        "loss": torch.nn.functional.cross_entropy(logits, labels).item(),
+        "weighted_f1": report["weighted avg"]["f1-score"],
+        "loss": torch.nn.functional.cross_entropy(logits.float(), labels).item(),
         "images": len(y_true),
+        # Two levels deep, so `dvc metrics diff` shows rows like per_class.seven.f1.
         "per_class": {c: {"precision": report[c]["precision"], "recall": report[c]["recall"],
                           "f1": report[c]["f1-score"], "support": int(report[c]["support"])}
                       for c in classes},
     }
+    return {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
+
+
+def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Counts: row = true class, column = predicted class."""
+    return skm.confusion_matrix(labels.numpy(), logits.argmax(1).numpy(),
+                                labels=list(range(num_classes)))
+
+
+def weakest_classes(result: dict[str, Any], n: int = 3) -> list[tuple[str, float]]:
+    """The n classes with the lowest F1 (ties: fewer val images first), as (class, F1)."""
+    per_class = result["per_class"]
+    ranked = sorted(per_class, key=lambda c: (per_class[c]["f1"], per_class[c]["support"]))
+    return [(c, per_class[c]["f1"]) for c in ranked[:n]]
+
+
+def confused_pairs(matrix: np.ndarray, classes: list[str], n: int = 3
+                   ) -> list[tuple[str, str, int]]:
+    """The n most frequent mistakes, as (true class, predicted class, count)."""
+    off = np.asarray(matrix).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:n]
+    pairs = [np.unravel_index(i, off.shape) for i in order]
+    return [(classes[i], classes[j], int(off[i, j])) for i, j in pairs if off[i, j] > 0]
+
+
+def summary(result: dict[str, Any], matrix: np.ndarray, classes: list[str]) -> str:
+    """A few lines a person reads first: the headline numbers, weakest classes, worst mix-ups."""
+    top = next((f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in result.items()
+                if k.startswith("top") and k.endswith("_accuracy")), "")
+    lines = [f"val accuracy {result['accuracy']:.4f}{top}, macro F1 {result['macro_f1']:.4f}, "
+             f"weighted F1 {result['weighted_f1']:.4f}, loss {result['loss']:.4f} "
+             f"on {result['images']} images"]
+    weak = ", ".join(f"{c} {f1:.2f}" for c, f1 in weakest_classes(result))
+    lines.append(f"weakest classes (F1): {weak}")
+    pairs = confused_pairs(matrix, classes)
+    mixed = ", ".join(f"{t} -> {p} ({n}x)" for t, p, n in pairs) or "none"
+    lines.append(f"most confused (true -> predicted): {mixed}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the gallery of mistakes
+
+def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, n: int
+                       ) -> list[tuple[int, int, float]]:
+    """The n wrong predictions made with the highest confidence, as (row, predicted, prob)."""
+    probs = torch.softmax(logits.float(), 1)
+    confidence, predicted = probs.max(1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    order = wrong[torch.argsort(confidence[wrong], descending=True, stable=True)][:n]
+    return [(int(i), int(predicted[i]), float(confidence[i])) for i in order]
+
+
+def val_paths(manifest_path: Path, labels: torch.Tensor) -> list[str] | None:
+    """Image path of each val row (tensors keep manifest order), or None if they disagree."""
+    try:
+        manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    except FileNotFoundError:
+        return None
+    val = manifest[manifest["split"] == "val"]
+    if len(val) != len(labels) or not np.array_equal(val["label"].to_numpy(), labels.numpy()):
+        return None
+    return val["path"].tolist()
+
+
+def thumbnail(path: str | None, stored: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """The original image, small; if it cannot be read, the stored tensor de-normalised."""
+    from PIL import Image, ImageOps
+
+    from stages.imaging import to_rgb
+
+    if path is not None:
+        try:
+            with Image.open(path) as img:
+                img = to_rgb(ImageOps.exif_transpose(img))
+                img.thumbnail((THUMBNAIL, THUMBNAIL))
+                return np.asarray(img)
+        except OSError:
+            pass
+    mean = np.asarray(meta["mean"])[:, None, None]
+    std = np.asarray(meta["std"])[:, None, None]
+    pixels = (stored.astype(np.float32) * std + mean).clip(0, 1) * 255
+    return pixels.round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def gallery(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], meta: dict[str, Any],
+            count: int) -> list[dict[str, Any]]:
+    """Thumbnails and captions of the `count` most confident mistakes."""
+    found = confident_mistakes(logits, labels, count)
+    if not found:
+        return []
+    paths = val_paths(MANIFEST, labels)
+    if paths is None:
+        print(f"note: {MANIFEST} does not match the val tensors; gallery shows stored pixels")
+    images = SplitDataset(TENSORS, "val").images
+    return [{"image": thumbnail(paths[i] if paths else None, np.asarray(images[i]), meta),
+             "true": classes[int(labels[i])], "predicted": classes[p], "confidence": conf,
+             "path": paths[i] if paths else f"val row {i}"}
+            for i, p, conf in found]
+
+
+# ---------------------------------------------------------------- the stage
+
+def draw(result: dict[str, Any], matrix: np.ndarray, classes: list[str],
+         mistakes: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """Write every evaluation PNG into folder; returns their paths."""
+    written = [plots.save(plots.confusion_figure(matrix, classes), folder / "confusion.png")]
+    if EPOCHS_LOG.exists():
+        epochs = pd.read_csv(EPOCHS_LOG)
+        written.append(plots.save(plots.loss_figure(epochs), folder / "loss.png"))
+    else:
+        print(f"note: {EPOCHS_LOG} not found: no loss curves")
+    written.append(plots.save(plots.per_class_figure(result["per_class"]),
+                              folder / "per_class_f1.png"))
+    written.append(plots.save(plots.mistakes_figure(mistakes), folder / "mistakes.png"))
+    return written
+
+
+def log_run(log: tracking.RunLogger, result: dict[str, Any], report: str,
+            pngs: list[Path]) -> None:
+    """Evaluation metrics, files and PNGs into the training run."""
+    flat = {f"eval_{k}": v for k, v in result.items() if k != "per_class"}
+    for cls, scores in result["per_class"].items():
+        flat |= {tracking.metric_key(f"eval_{k}.{cls}"): v
+                 for k, v in scores.items() if k != "support"}
+    log.metrics(flat)
+    for path in (METRICS, CONFUSION, PER_CLASS):
+        log.artifact(path, "evaluation")
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "summary.txt"
+        text.write_text(report + "\n", encoding="utf-8")
+        log.artifact(text, "evaluation")
+    for png in pngs:
+        log.artifact(png, "plots")
 
 
 @cli
 def main() -> None:
-    """Score models/model.pt on the val split."""
+    """Score models/model.pt on the val split, draw the plots, log them to the training run."""
     params = load_params()
+    settings = params.get("evaluate") or {}
+    top_k, gallery_size = int(settings.get("top_k", 3)), int(settings.get("mistakes", 16))
     model, checkpoint = load_checkpoint(MODEL)
-    device = pick_device()
+    meta = read_meta(TENSORS)
     classes = checkpoint["classes"]
+    if classes != meta["classes"]:
+        raise UserError(f"{MODEL} was trained on other classes than {TENSORS} holds: "
+                        "run `dvc repro` to retrain it")
     val = SplitDataset(TENSORS, "val")
+    if len(val) == 0:
+        raise UserError("the val split is empty: add images or raise index.val_fraction")
+    device = pick_device()
     loader = torch.utils.data.DataLoader(val, batch_size=int(params["train"]["batch_size"]),
                                          collate_fn=as_batch)
-    meta = read_meta(TENSORS)
     logits, labels = predict(model.to(device), loader, device, meta)
-    result = score(logits, labels, classes)
+
+    result = score(logits, labels, classes, top_k)
+    matrix = confusion(logits, labels, len(classes))
     write_json(METRICS, result)
     names = pd.Series(classes)
     write_csv(CONFUSION, pd.DataFrame({"actual": names[labels.numpy()].to_numpy(),
                                        "predicted": names[logits.argmax(1).numpy()].to_numpy()}))
+    write_csv(PER_CLASS, pd.DataFrame([{"class": c, **s}
+                                       for c, s in result["per_class"].items()]))
+    pngs = draw(result, matrix, classes, gallery(logits, labels, classes, meta, gallery_size),
+                PLOTS)
+    report = summary(result, matrix, classes)
 
     experiment = params.get("mlflow", {}).get("experiment", "imgpipe")
     with tracking.stage_run(experiment, "evaluate", {}, meta["data_version"],
-                            run_id=checkpoint.get("run_id")):
-        import mlflow
-
-        flat = {f"eval_{k}": v for k, v in result.items() if k != "per_class"}
-        for cls, scores in result["per_class"].items():
-            flat |= {tracking.metric_key(f"eval_{k}.{cls}"): v
-                     for k, v in scores.items() if k != "support"}
-        mlflow.log_metrics(flat)
-        mlflow.log_artifact(str(METRICS))
-    print(f"val accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}, "
-          f"loss {result['loss']:.4f} on {result['images']} images")
+                            run_id=checkpoint.get("run_id")) as run:
+        log = tracking.RunLogger(run.info.run_id)
+        log_run(log, result, report, pngs)
+    if log.unlogged():
+        print(f"warning: {log.unlogged()}")
+    print(report)
+    print(f"plots in {PLOTS}/: `dvc plots show` draws them all on one page")
 
 
 if __name__ == "__main__":
