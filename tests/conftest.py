@@ -17,7 +17,8 @@ BIN = Path(sys.executable).parent
 PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", ".dvc/config", ".gitignore",
                  ".dvcignore", "data/.gitignore", "pyproject.toml"]
 # Tiny settings so that a full `dvc repro` takes seconds.
-FAST_PARAMS = {"preprocess": {"image_size": 8}, "workers": 1,
+# lr differs from params.yaml's, so that `-S lr=0.05` in a test is a real change.
+FAST_PARAMS = {"lr": 0.1, "preprocess": {"image_size": 8}, "workers": 1,
                "train": {"epochs": 2, "batch_size": 32}}
 
 

@@ -87,7 +87,7 @@ def test_evaluate_logs_into_the_training_run(built_repo):
     run = train_runs[0]
     # One row holds both the training curves and the held-out metrics.
     assert {"train_loss", "val_loss", "eval_accuracy", "eval_macro_f1"} <= run.data.metrics.keys()
-    assert run.data.params["lr"] == "0.05"
+    assert run.data.params["lr"] == "0.1"
     assert len(run.data.tags["data.version"]) == 12
     assert run.data.tags["git.commit"] == git(built_repo, "rev-parse", "HEAD~1").strip()
     model_run = __import__("torch").load(built_repo / "models/model.pt", weights_only=True)
@@ -98,8 +98,6 @@ def test_evaluate_logs_into_the_training_run(built_repo):
 
 def test_exp_run_logs_lr_and_experiment_name(clone_built):
     repo = clone_built()
-    set_params(repo, lr=0.1)  # so that the override below is visible
-    git(repo, "commit", "-qam", "lr 0.1")
     before = {r.info.run_id for r in mlflow_runs(repo)}
     out = dvc(repo, "exp", "run", "-S", "lr=0.05").stdout
     assert stages_run(out) == ["train", "evaluate"]
