@@ -46,7 +46,7 @@ METRICS = Path("metrics/preprocess.json")
 NORMALIZE_MODES = ("dataset", "imagenet")
 STORAGES = ("float16", "uint8")
 PIXELS_VERSION = 2          # bump when the cache entry format changes
-CHUNK_BYTES = 16 << 20      # uint8 pixels normalised per job: bounds each worker's memory
+CHUNK_BYTES = 4 << 20       # uint8 pixels normalised per job: bounds each worker's memory
 DEFAULT_CACHE_GB = 10.0
 SUMS = np.dtype("<i8")      # per-channel sum and sum of squares, stored after the pixels
 
