@@ -65,6 +65,10 @@ class SplitDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (for spawned DataLoader workers) without the mapped array."""
+        return {**self.__dict__, "_x": None}
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
