@@ -51,7 +51,7 @@ def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
     if mode == "squash":
         return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if mode == "crop":
-        return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)  # no reducing_gap arg
     raise ValueError(f"unknown resize mode {mode!r}: use one of {RESIZE_MODES}")
 
 

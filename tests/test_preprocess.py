@@ -1,0 +1,256 @@
+"""Preprocess: incremental, byte-identical, memory-bounded; resize, normalize, storage params."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, dvc, git, mlflow_runs
+from PIL import Image
+
+from stages.common import UserError
+from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
+from stages.preprocess import cache_cap_bytes, check_params, evict, pixel_cache, preprocess
+from stages.sample import write_digits
+from stages.tensors import SplitDataset, read_meta, to_device
+
+
+def write_images(folder: Path, count: int, start: int = 0, size: tuple[int, int] = (40, 30)
+                 ) -> list[dict]:
+    """Random-noise PNGs in two classes; returns their manifest rows (every 4th is val)."""
+    rows = []
+    for i in range(start, start + count):
+        cls = ("cat", "dog")[i % 2]
+        path = folder / cls / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), np.uint8)
+        Image.fromarray(pixels).save(path)
+        rows.append(image_row(path, cls, "val" if i % 4 == 3 else "train"))
+    return rows
+
+
+def image_row(path: Path, cls: str, split: str) -> dict:
+    """One manifest row, as the index stage writes it."""
+    return {"path": str(path), "class": cls, "label": ["cat", "dog"].index(cls),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "split": split}
+
+
+def build(rows: list[dict], out: Path, size: int = 8, resize: str = "squash",
+          normalize: str = "dataset", workers: int = 1, storage: str = "float16") -> dict:
+    """Run the stage's preprocess() on these rows, in manifest (path) order."""
+    manifest = pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
+    return preprocess(manifest, size, resize, normalize, workers, out, "v1", storage)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder, by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private pixel cache for one test."""
+    monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("IMGPIPE_CACHE_GB", raising=False)
+    return tmp_path / "cache"
+
+
+def test_adding_images_decodes_only_new_ones_and_matches_a_clean_build(tmp_path, cache,
+                                                                       monkeypatch):
+    rows = write_images(tmp_path / "raw", 40)
+    first = build(rows, tmp_path / "tensors", workers=2)
+    assert (first["decoded"], first["from_cache"]) == (40, 0)
+
+    rows += write_images(tmp_path / "raw", 2, start=40)
+    again = build(rows, tmp_path / "tensors", workers=2)  # two processes: unordered results
+    assert (again["decoded"], again["from_cache"]) == (2, 40)
+
+    monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path / "empty-cache"))
+    clean = build(rows, tmp_path / "clean", workers=1)
+    assert (clean["decoded"], clean["from_cache"]) == (42, 0)
+    incremental, fresh = files(tmp_path / "tensors"), files(tmp_path / "clean")
+    assert set(incremental) == {"meta.json", "train_x.npy", "train_y.npy", "val_x.npy",
+                                "val_y.npy"}
+    for name in fresh:
+        assert incremental[name] == fresh[name], name
+
+
+def test_changing_normalization_renormalises_without_decoding(tmp_path, cache):
+    rows = write_images(tmp_path / "raw", 12)
+    build(rows, tmp_path / "raw-pixels", storage="uint8")
+    stats = build(rows, tmp_path / "tensors", normalize="imagenet")
+    assert stats["decoded"] == 0 and stats["from_cache"] == 12
+    meta = read_meta(tmp_path / "tensors")
+    assert meta["mean"] == list(IMAGENET_MEAN) and meta["std"] == list(IMAGENET_STD)
+    pixels = np.load(tmp_path / "raw-pixels" / "train_x.npy") / 255.0
+    expected = (pixels - np.array(IMAGENET_MEAN)[:, None, None]) / np.array(IMAGENET_STD)[:, None,
+                                                                                            None]
+    stored = np.load(tmp_path / "tensors" / "train_x.npy")
+    assert stored.dtype == np.float16
+    np.testing.assert_allclose(stored, expected, atol=3e-3)
+
+
+def test_dataset_normalization_uses_train_split_statistics(tmp_path, cache):
+    rows = write_images(tmp_path / "raw", 12)
+    stats = build(rows, tmp_path / "u8", storage="uint8")
+    train = np.load(tmp_path / "u8" / "train_x.npy") / 255.0
+    assert stats["train"] == len(train) == 9
+    np.testing.assert_allclose(stats["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], train.std(axis=(0, 2, 3)), rtol=1e-9)
+    build(rows, tmp_path / "f16")
+    normalised = np.load(tmp_path / "f16" / "train_x.npy").astype(np.float64)
+    np.testing.assert_allclose(normalised.mean(axis=(0, 2, 3)), 0, atol=2e-3)
+    np.testing.assert_allclose(normalised.std(axis=(0, 2, 3)), 1, atol=2e-3)
+
+
+def test_resize_squash_keeps_everything_and_crop_keeps_the_centre(tmp_path, cache):
+    thirds = np.zeros((10, 30, 3), np.uint8)  # red | green | blue, 10 columns each
+    thirds[:, :10, 0] = thirds[:, 10:20, 1] = thirds[:, 20:, 2] = 255
+    rows = []
+    for cls in ("cat", "dog"):
+        path = tmp_path / "raw" / cls / "thirds.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(thirds).save(path)
+        rows.append(image_row(path, cls, "train"))
+    build(rows, tmp_path / "squash", size=6, resize="squash", storage="uint8")
+    build(rows, tmp_path / "crop", size=6, resize="crop", storage="uint8")
+    squash = np.load(tmp_path / "squash" / "train_x.npy")[0].astype(int)
+    crop = np.load(tmp_path / "crop" / "train_x.npy")[0].astype(int)
+    assert squash[0, :, 0].min() > 200 and squash[2, :, -1].min() > 200  # red left, blue right
+    assert crop[1].min() > 200 and crop[0].max() < 60 and crop[2].max() < 60  # all green
+    assert pixel_cache(6, "squash") != pixel_cache(6, "crop")
+
+
+def test_downscaling_is_antialiased(tmp_path, cache):
+    board = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)  # 1-pixel checks
+    rows = []
+    for cls in ("cat", "dog"):
+        path = tmp_path / "raw" / cls / "board.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(board).save(path)
+        rows.append(image_row(path, cls, "train"))
+    build(rows, tmp_path / "t", size=8, storage="uint8")
+    pixels = np.load(tmp_path / "t" / "train_x.npy").astype(int)
+    assert np.abs(pixels - 127.5).max() < 20  # averaged to grey; nearest-neighbour gives 0/255
+
+
+def test_uint8_and_float16_storage_give_the_same_model_input(tmp_path, cache):
+    import torch
+
+    rows = write_images(tmp_path / "raw", 12)
+    build(rows, tmp_path / "f16")
+    build(rows, tmp_path / "u8", storage="uint8")
+    inputs = {}
+    for name in ("f16", "u8"):
+        meta = read_meta(tmp_path / name)
+        assert meta["dtype"] == {"f16": "float16", "u8": "uint8"}[name]
+        x, y = SplitDataset(tmp_path / name, "val").__getitems__([2, 0, 1])
+        inputs[name] = to_device(x, torch.device("cpu"), meta)
+        assert inputs[name].dtype == torch.float32
+    assert np.load(tmp_path / "u8" / "train_x.npy").dtype == np.uint8
+    torch.testing.assert_close(inputs["u8"], inputs["f16"], atol=3e-3, rtol=0)
+
+
+def test_a_damaged_cache_entry_is_decoded_again(tmp_path, cache):
+    rows = write_images(tmp_path / "raw", 6)
+    build(rows, tmp_path / "a")
+    entry = next(cache.rglob("*.u8"))
+    entry.write_bytes(entry.read_bytes()[:-10])  # torn write
+    stats = build(rows, tmp_path / "b")
+    assert stats["decoded"] == 1
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+
+
+def test_cache_is_capped_by_evicting_least_recently_used(tmp_path, cache, monkeypatch):
+    folder = cache / "pixels" / "8px-squash-x" / "ab"
+    folder.mkdir(parents=True)
+    for age, name in enumerate(["new", "mid", "old"]):
+        entry = folder / f"{name}.u8"
+        entry.write_bytes(b"x" * 100)
+        os.utime(entry, ns=(10**18 - age * 10**9,) * 2)
+    assert evict(cache, 250) == (1, 200)
+    assert sorted(p.stem for p in folder.iterdir()) == ["mid", "new"]
+    assert evict(cache, 10**6) == (0, 200)
+
+    monkeypatch.setenv("IMGPIPE_CACHE_GB", "0")  # keep nothing: every run decodes
+    rows = write_images(tmp_path / "raw", 4)
+    stats = build(rows, tmp_path / "t")
+    assert stats["cache_mb"] == 0 and stats["cache_evicted"] == 6
+    assert build(rows, tmp_path / "t")["decoded"] == 4
+    assert not list(cache.rglob("*.u8"))
+
+
+def test_bad_settings_are_one_line_errors(monkeypatch):
+    with pytest.raises(UserError, match="squash or crop"):
+        check_params(8, "stretch", "dataset", "float16")
+    with pytest.raises(UserError, match="dataset or imagenet"):
+        check_params(8, "crop", "batch", "float16")
+    with pytest.raises(UserError, match="float16 or uint8"):
+        check_params(8, "crop", "dataset", "float32")
+    monkeypatch.setenv("IMGPIPE_CACHE_GB", "lots")
+    with pytest.raises(UserError, match="IMGPIPE_CACHE_GB"):
+        cache_cap_bytes()
+    monkeypatch.setenv("IMGPIPE_CACHE_GB", "0.5")
+    assert cache_cap_bytes() == 500_000_000
+
+
+PEAK_RSS = """
+import sys
+from pathlib import Path
+import pandas as pd
+from stages.preprocess import preprocess
+manifest = pd.read_csv(sys.argv[1], keep_default_na=False)
+print(preprocess(manifest, 128, "squash", "dataset", 1, Path(sys.argv[2]), "v")["peak_rss_mb"])
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_dataset(tmp_path, cache):
+    # 4x the images adds 50 MB of tensors; a version that held them in memory (or in
+    # memory-mapped pages) would show that growth in its peak RSS.
+    rows = write_images(tmp_path / "raw", 400, size=(48, 32))
+    peaks = []
+    for n in (100, 400):
+        csv = tmp_path / f"manifest{n}.csv"
+        pd.DataFrame(rows[:n]).to_csv(csv, index=False)
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(csv), str(tmp_path / f"t{n}")],
+                              capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks.append(float(proc.stdout.split()[-1]))
+    assert sum(p.stat().st_size for p in (tmp_path / "t400").iterdir()) > 39 * 10**6
+    print("peak RSS MB for 100 and 400 images:", peaks)
+    assert peaks[1] - peaks[0] < 15, peaks
+
+
+# ---------------------------------------------------------------- through dvc
+
+
+def test_repro_after_adding_images_takes_the_rest_from_the_cache(clone_built):
+    repo = clone_built()
+    write_digits(repo / "data" / "raw", limit=203)  # rewrites the first 200 unchanged
+    out = dvc(repo, "repro", "preprocess").stdout
+    assert "preprocessed 203 images: 200 from the cache, 3 decoded" in out, out
+    metrics = json.loads((repo / "metrics/preprocess.json").read_text())
+    assert (metrics["decoded"], metrics["from_cache"], metrics["images"]) == (3, 200, 203)
+    assert metrics["images_per_second"] > 0
+    run = next(r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "preprocess")
+    assert run.data.metrics["decoded"] == 3 and run.data.metrics["from_cache"] == 200
+    assert run.data.params["preprocess.storage"] == "float16"
+
+
+def test_experiments_outside_the_workspace_share_the_cache(clone_built):
+    repo = clone_built()
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "clone")
+    # --temp runs in a copy under .dvc/tmp, as queued experiments do; DVC_ROOT points home.
+    dvc(repo, "exp", "run", "--temp", "preprocess", "-S", "preprocess.normalize=imagenet")
+    run = next(r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "preprocess"
+               and r.data.params.get("preprocess.normalize") == "imagenet")
+    assert run.data.metrics["decoded"] == 0 and run.data.metrics["from_cache"] == 200
