@@ -491,22 +491,37 @@ def log_model(log: Any, model: nn.Module, example: torch.Tensor, register_as: st
 
 # ---------------------------------------------------------------- the stage
 
+def check_params(p: dict[str, Any], meta: dict[str, Any], world: int) -> None:
+    """Fail in one line, before any work, on train params that cannot work."""
+    if int(p["epochs"]) < 1:
+        raise UserError(f"train.epochs is {p['epochs']}: train for at least one epoch")
+    if int(p["batch_size"]) < world:
+        raise UserError(f"train.batch_size {p['batch_size']} is smaller than the number of "
+                        f"processes ({world})")
+    translate = int(p.get("translate") or 0)
+    if not 0 <= translate < int(meta["image_size"]):
+        raise UserError(f"train.translate is {translate} pixels: use 0 (off) up to "
+                        f"{int(meta['image_size']) - 1}, below the image size")
+    if p.get("schedule", "cosine") not in SCHEDULES:
+        raise UserError(f"train.schedule is {p['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    if p.get("optimizer", "sgd") not in ("sgd", "adamw"):
+        raise UserError(f"train.optimizer in params.yaml is {p['optimizer']!r}: use sgd or adamw")
+    if p.get("class_weights", "none") not in (None, "none", "balanced"):
+        raise UserError(f"train.class_weights is {p['class_weights']!r}: use none or balanced")
+    if p.get("data_on_device", "auto") not in ("auto", True, False, "true", "false"):
+        raise UserError(f"train.data_on_device is {p['data_on_device']!r}: "
+                        "use auto, true or false")
+
+
 def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
           resume: dict[str, Any] | None = None, shard: Dist = Dist()) -> dict[str, Any] | None:
     """Fit the model of params; rank 0 writes the model, epoch log, metrics and checkpoints."""
     p = params["train"]
+    check_params(p, meta, shard.world)
     lr, epochs = float(params["lr"]), int(p["epochs"])
-    if epochs < 1:
-        raise UserError(f"train.epochs is {epochs}: train for at least one epoch")
     seed, log_every = int(p["seed"]), max(1, int(p.get("log_every", 10)))
     batch_size = int(p["batch_size"]) // shard.world  # batch_size is the total over processes
-    if batch_size < 1:
-        raise UserError(f"train.batch_size {p['batch_size']} is smaller than the number of "
-                        f"processes ({shard.world})")
     translate = int(p.get("translate") or 0)
-    if translate and translate >= int(meta["image_size"]):
-        raise UserError(f"train.translate is {translate} pixels: it must be below the image "
-                        f"size ({meta['image_size']})")
     seed_everything(seed + shard.rank)  # DDP copies rank 0's initial weights to every rank
     device = pick_device(shard.local_rank)
     cuda = device.type == "cuda"
@@ -606,13 +621,15 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
             states = [None] * shard.world
             dist.all_gather_object(states, mine)
         if shard.main:
+            # Logged before the checkpoint: a kill in between repeats the epoch's values, rather
+            # than leave a checkpointed epoch that never reached MLflow.
+            log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             save_checkpoint(checkpoint_path(key), {
                 "fingerprint": key, "epoch": epoch,
                 "step": global_step, "model": cpu_state(net), "best_state": best_state,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "stopper": stopper.state_dict(),
                 "history": history, "rng": states, "run_id": run.info.run_id})
-            log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             print(f"epoch {epoch:>3}/{epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}  "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  "
                   f"{row['images_per_second']:.0f} img/s", flush=True)
@@ -677,6 +694,7 @@ def main() -> None:
     shard = init_distributed()
     try:
         meta = read_meta(TENSORS)
+        check_params(params["train"], meta, shard.world)
         key = fingerprint(params, meta, shard.world)
         resume = read_checkpoint(checkpoint_path(key), key)
         if not shard.main:

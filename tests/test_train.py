@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import BIN, dvc, env, make_repo, mlflow_runs, set_params
+from conftest import BIN, dvc, env, mlflow_runs, set_params
 
 from stages import train as stage
 from stages.common import UserError
@@ -90,11 +90,14 @@ def test_translate_shifts_each_image_within_bounds():
     assert len(shifts) > 5  # drawn per image, not once per batch
 
 
-def test_translate_must_be_below_image_size(clone_built, monkeypatch):
+def test_translate_must_be_below_image_size(clone_built, monkeypatch, capsys):
     repo = clone_built()
     set_params(repo, train={"translate": 8})
+    runs = len(train_runs(repo))
     with pytest.raises(SystemExit):
         run_in_process(repo, monkeypatch)
+    assert "error: train.translate is 8 pixels" in capsys.readouterr().err
+    assert len(train_runs(repo)) == runs  # refused before any run started
 
 
 # ---------------------------------------------------------------- optimisation
@@ -191,13 +194,13 @@ def test_nan_loss_stops_with_one_line_and_no_model(clone_built):
 
 # ---------------------------------------------------------------- resume after kill -9
 
-def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
-    repo = make_repo(tmp_path / "killed", images=200,
-                     params={"preprocess": {"image_size": 16},
-                             "train": {"epochs": 4, "batch_size": 16, "patience": 0}})
-    dvc(repo, "repro", "preprocess")
+def test_resume_after_kill_matches_an_uninterrupted_run(clone_built, tmp_path):
+    repo = clone_built()
+    # Small batches: many steps per epoch, so that the kill lands mid-run.
+    set_params(repo, train={"epochs": 4, "batch_size": 8, "patience": 0})
     reference = tmp_path / "reference"
     shutil.copytree(repo, reference, symlinks=True)
+    before = len(train_runs(repo))
 
     # Start training as a user would, and kill -9 the whole process group after epoch 1.
     proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=repo, env=env(),
@@ -230,7 +233,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(resumed[RESULT_COLUMNS],
                                   pd.read_csv(reference / "metrics/epochs.csv")[RESULT_COLUMNS])
     runs = train_runs(repo)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, continued
+    assert len(runs) == before + 1 and runs[0].info.status == "FINISHED"  # one run, continued
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
