@@ -7,6 +7,7 @@ params.yaml): nothing is downloaded, so a run is the same offline and online.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def create_model(name: str, num_classes: int, pretrained: str | Path | None = No
         import torchvision
 
         if name not in torchvision.models.list_models(module=torchvision.models):
-            close = [m for m in available_models() if name.split("_")[0] in m][:5]
+            close = difflib.get_close_matches(name, available_models(), n=4, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"unknown model {name!r} in params.yaml train.model{hint}: "
                             "use smallcnn or a torchvision classifier name such as resnet18")
