@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -359,7 +359,6 @@ class EpochStats:
     steps: int
     seconds: float
     data_wait: float          # share of the epoch spent waiting for the next batch
-    step_losses: list[float] = field(default_factory=list)
 
 
 class NonFiniteLoss(Exception):
@@ -380,14 +379,17 @@ def check_finite(losses: list[torch.Tensor], first_step: int, shard: Dist) -> No
         raise NonFiniteLoss(first)
 
 
-def train_epoch(s: Step, loader: Any, epoch: int, first_step: int, log: Any,
-                log_every: int, shard: Dist, desc: str) -> EpochStats:
-    """One pass over the training data: the classic loop, with the checks folded in."""
+def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
+                shard: Dist = Dist(), desc: str = "train") -> EpochStats:
+    """One pass over the training data: the classic loop, with the checks folded in.
+
+    The loss is checked for NaN/inf and logged (when `log` is a RunLogger) every
+    `log_every` steps: reading it every step would stall a GPU's queue.
+    """
     s.model.train()
     total_loss = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     pending: list[torch.Tensor] = []  # unchecked losses: .item() every step would stall a GPU
-    step_losses: list[float] = []
     seen, waited, started = 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not shard.main)
     batches = iter(loader)
@@ -420,10 +422,10 @@ def train_epoch(s: Step, loader: Any, epoch: int, first_step: int, log: Any,
         if (i + 1) % log_every == 0 or i + 1 == len(loader):
             check_finite(pending, first_step + i + 1 - len(pending), shard)
             values = torch.stack(pending).tolist()
-            step_losses += values
             pending = []
-            if shard.main:
+            if log is not None:
                 log.metrics({"step_loss": float(np.mean(values))}, step=first_step + i + 1)
+            if shard.main:
                 rate = seen * shard.world / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{rate:.0f}")
@@ -435,7 +437,7 @@ def train_epoch(s: Step, loader: Any, epoch: int, first_step: int, log: Any,
     total, right, images = sums.tolist()
     seconds = time.perf_counter() - started
     return EpochStats(total / max(images, 1), right / max(images, 1), int(images),
-                      len(loader), seconds, waited / max(seconds, 1e-9), step_losses)
+                      len(loader), seconds, waited / max(seconds, 1e-9))
 
 
 def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device,
@@ -592,7 +594,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
             break
         sampler.set_epoch(epoch)
         try:
-            stats = train_epoch(step, train_loader, epoch, global_step, log, log_every, shard,
+            stats = train_epoch(step, train_loader, global_step, log, log_every, shard,
                                 desc=f"epoch {epoch}/{epochs}")
         except NonFiniteLoss as bad:
             raise UserError(
