@@ -152,7 +152,7 @@ class DeviceLoader:
 
     def __init__(self, dataset: SplitDataset, batch_size: int, sampler: Any,
                  device: torch.device):
-        self.x = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
+        self.x = torch.from_numpy(np.array(dataset.images)).to(device)  # one read, then held
         self.y = torch.from_numpy(dataset.labels).to(device)
         self.batch_size, self.sampler = batch_size, sampler
 
