@@ -1,7 +1,13 @@
-"""The model zoo: a small CNN for small images, or any torchvision classifier by name."""
+"""The model zoo: a small CNN for small images, or any torchvision classifier by name.
+
+Pretrained weights only ever come from a local file (`train.pretrained` in
+params.yaml): nothing is downloaded, so a run is the same offline and online.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +17,8 @@ from torch import nn
 from stages.common import UserError
 
 DEFAULT_MODEL = "smallcnn"
+# Prefixes that wrappers add to state-dict keys: DDP ("module.") and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -43,18 +51,73 @@ def available_models() -> list[str]:
     return [DEFAULT_MODEL] + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def create_model(name: str, num_classes: int) -> nn.Module:
-    """Build a model by name with a head of num_classes outputs and no pretrained weights."""
+def create_model(name: str, num_classes: int, pretrained: str | Path | None = None) -> nn.Module:
+    """Build a model by name with a head of num_classes outputs, optionally from local weights."""
     if name == DEFAULT_MODEL:
-        return SmallCNN(num_classes)
-    import torchvision
+        model: nn.Module = SmallCNN(num_classes)
+    else:
+        import torchvision
 
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        close = [m for m in available_models() if name.split("_")[0] in m][:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"unknown model {name!r} in params.yaml train.model{hint}: "
-                        "use smallcnn or a torchvision classifier name such as resnet18")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            close = difflib.get_close_matches(name, available_models(), n=4, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown model {name!r} in params.yaml train.model{hint}: "
+                            "use smallcnn or a torchvision classifier name such as resnet18")
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in a local file: a plain state dict, an imgpipe model or a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pretrained weights {path} not found: train.pretrained in params.yaml "
+                        "must name a local file (nothing is downloaded), or be null")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
+        raise UserError(f"pretrained weights {path} cannot be read ({type(err).__name__}): "
+                        "save them with torch.save(model.state_dict(), path)") from None
+    for key in ("state_dict", "model", "model_state_dict"):  # imgpipe, timm, common scripts
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise UserError(f"pretrained weights {path} hold no state dict of tensors")
+    return {_strip_prefixes(k): v for k, v in data.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load every weight whose name and shape fit; returns the keys left as initialised.
+
+    A checkpoint trained for another number of classes fits everywhere but the
+    head, which keeps its fresh initialisation: that is fine-tuning. Anything
+    that fits far less than that is the wrong file, and an error.
+    """
+    weights = read_state_dict(path)
+    own = model.state_dict()
+    fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    skipped = [k for k in own if k not in fits]
+    if len(fits) < len(own) / 2:
+        raise UserError(f"pretrained weights {path} do not fit this model: only {len(fits)} "
+                        f"of {len(own)} tensors match by name and shape; check train.model")
+    model.load_state_dict(fits, strict=False)
+    if skipped:
+        shown = ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else "")
+        print(f"note: loaded {len(fits)} of {len(own)} tensors from {path}; left as initialised "
+              f"(not in the file, or another shape, e.g. a head for other classes): {shown}")
+    else:
+        print(f"note: loaded all {len(fits)} tensors from {path}")
+    return skipped
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -71,18 +134,26 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), checkpoint
 
 
-def pick_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(local_rank: int = 0) -> torch.device:
+    """The GPU (this process's one under DDP) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on GPUs that have it, else fp16 (needs a GradScaler); None on CPU."""
+    if device.type != "cuda":
+        return None  # full precision: fastest on CPUs for small nets, and bit-reproducible
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def autocast(device: torch.device) -> Any:
-    """bf16 autocast on a GPU; full precision on the CPU, where it is fastest for small nets."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
-
-    return contextlib.nullcontext()
+    """Mixed precision on a GPU (see amp_dtype); a no-op on the CPU."""
+    dtype = amp_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -93,9 +164,12 @@ def predict(model: nn.Module, loader: Any, device: torch.device, meta: dict[str,
 
     model.eval()
     logits, labels = [], []
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for x, y in loader:
-        x = to_device(x, device, meta)
+        x = to_device(x, device, meta).contiguous(memory_format=memory_format)
         with autocast(device):
             logits.append(model(x).float().cpu())
-        labels.append(y)
+        labels.append(y.cpu())
+    if not logits:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)

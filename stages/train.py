@@ -1,42 +1,123 @@
-"""Train stage: the classic PyTorch DataLoader loop over the preprocessed tensors.
+"""Train stage: the classic PyTorch loop, made fast, resumable and honest.
 
 Outputs:
-    models/model.pt      weights plus classes, normalisation and image size: all predict needs
-    metrics/train.json   final numbers
+    models/model.pt      the best epoch's weights (lowest val loss), plus all predict needs
+    metrics/train.json   the best epoch's numbers, and how the run went
     metrics/epochs.csv   per-epoch train/val loss and accuracy (a DVC plot)
+
+Never lose progress: every epoch ends with an atomic checkpoint in
+.cache/imgpipe/checkpoints/ under the real repository root. It lives outside
+DVC's outputs because DVC deletes a stage's outs before rerunning it, and
+because `dvc exp run --temp` works in a throwaway copy; DVC_ROOT points back at
+the real root, so a killed experiment resumes too. The file is named by a
+fingerprint of the params and the data, so a checkpoint of other params or
+data is never resumed; it is deleted once the model is written.
+
+Scale out: with train.gpus > 1 the stage relaunches itself under torchrun,
+one process per GPU (DistributedDataParallel). Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import random
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from stages import tracking
-from stages.common import UserError, atomic_path, cli, load_params, write_csv, write_json
-from stages.models import autocast, create_model, pick_device, predict
+from stages.common import UserError, atomic_path, cli, load_params, repo_root, write_csv, write_json
+from stages.models import amp_dtype, autocast, create_model, pick_device, predict
 from stages.tensors import SplitDataset, as_batch, read_meta, to_device
 
 TENSORS = Path("data/tensors")
 MODEL = Path("models/model.pt")
 METRICS = Path("metrics/train.json")
 EPOCHS_LOG = Path("metrics/epochs.csv")
+CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths change
+# Params that change how a run goes, not what it computes: changing them keeps the checkpoint.
+RESUME_SAFE = ("workers", "log_every", "register_as")
+SCHEDULES = ("cosine", "onecycle", "constant")
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; returns the generator that drives shuffling."""
+# ---------------------------------------------------------------- setup
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a torchrun job; rank 0 of 1 when run plainly."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Only the main process logs, shows progress and writes files."""
+        return self.rank == 0
+
+
+def relaunch_under_torchrun(processes: int) -> None:
+    """Replace this process by torchrun running this module once per GPU."""
+    print(f"train.gpus is {processes}: relaunching under torchrun "
+          f"(DistributedDataParallel, {processes} processes)", flush=True)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", "-m", "stages.train"]
+    os.execv(sys.executable, args)
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job if there is one: NCCL between GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the loop draws from, in a form torch.load(weights_only) reads."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *np_state[2:]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put every random generator back where rng_state found it."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- data
 
 def seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker its own reproducible NumPy and Python seed."""
@@ -45,64 +126,343 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: SplitDataset, batch_size: int, workers: int, shuffle: bool,
-                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader that reads whole batches from the memory-mapped tensors."""
+def make_sampler(dataset: Any, seed: int, shard: Dist, shuffle: bool = True
+                 ) -> torch.utils.data.DistributedSampler:
+    """This process's share of the data, in an order that depends only on (seed, epoch).
+
+    The order never depends on generator state, so a resumed run visits the
+    same batches as an uninterrupted one, with or without loader workers.
+    """
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=shard.world,
+                                               rank=shard.rank, shuffle=shuffle, seed=seed)
+
+
+def make_loader(dataset: SplitDataset, batch_size: int, workers: int, sampler: Any,
+                device: torch.device, generator: torch.Generator | None = None
+                ) -> torch.utils.data.DataLoader:
+    """Stream batches from the memory-mapped tensors; pinned for fast copies to a GPU."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=as_batch, generator=generator, worker_init_fn=seed_worker,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float
-                   ) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, or AdamW."""
+class DeviceLoader:
+    """Batches from a split held whole on the device: no workers, no copies, no pinning."""
+
+    def __init__(self, dataset: SplitDataset, batch_size: int, sampler: Any,
+                 device: torch.device):
+        self.x = torch.from_numpy(np.array(dataset.images)).to(device)  # one read, then held
+        self.y = torch.from_numpy(dataset.labels).to(device)
+        self.batch_size, self.sampler = batch_size, sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), device=self.x.device)
+        for batch in order.split(self.batch_size):
+            batch = batch.sort().values  # as SplitDataset reads a batch: same order, same sums
+            yield self.x[batch], self.y[batch]
+
+
+def keep_on_device(setting: Any, device: torch.device, nbytes: int) -> bool:
+    """Decide train.data_on_device: `auto` keeps the split on a GPU when it takes < 1/4 of it."""
+    if setting in (True, "true"):
+        return True
+    if setting in (False, "false"):
+        return False
+    if setting != "auto":
+        raise UserError(f"train.data_on_device is {setting!r}: use auto, true or false")
+    if device.type != "cuda":
+        return False  # the DataLoader already reads from RAM (page cache) on a CPU
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes < free / 4
+
+
+def augment(x: torch.Tensor, flip: bool, translate: int) -> torch.Tensor:
+    """Random horizontal flip and translation, drawn per image, on a whole batch on its device."""
+    if flip:
+        flipped = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
+    if translate > 0:
+        x = random_translate(x, translate)
+    return x
+
+
+def random_translate(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Shift each image by its own random (dy, dx) in [-pixels, pixels], filling by reflection."""
+    n, _c, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="reflect")
+    dy = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device)
+    dx = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device)
+    rows = dy + torch.arange(h, device=x.device)          # (n, h): source row of each output row
+    cols = dx + torch.arange(w, device=x.device)          # (n, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    # One gather for the whole batch: indexing dims 0, 2, 3 yields (n, h, w, c).
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(p: dict[str, Any], model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, optionally Nesterov) or AdamW, from params.yaml train.*."""
+    name, decay = p.get("optimizer", "sgd"), float(p.get("weight_decay", 0.0))
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                               weight_decay=weight_decay)
+        momentum = float(p.get("momentum", 0.9))
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                               nesterov=bool(p.get("nesterov", True)) and momentum > 0,
+                               weight_decay=decay)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
     raise UserError(f"train.optimizer in params.yaml is {name!r}: use sgd or adamw")
 
 
-def train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
-                scheduler: Any, loss_fn: nn.Module, device: torch.device,
-                meta: dict[str, Any], desc: str) -> tuple[float, float, list[float]]:
-    """One pass over the training data; returns mean loss, accuracy and each step's loss."""
-    model.train()
-    step_losses: list[float] = []
-    correct = seen = 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False)
-    for x, y in bar:
-        x = to_device(x, device, meta)
-        y = y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
-            out = model(x)
-            loss = loss_fn(out, y)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step_losses.append(loss.item())
-        correct += (out.argmax(1) == y).sum().item()
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base lr at `step`: linear warmup, then cosine decay or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(p: dict[str, Any], optimizer: torch.optim.Optimizer, lr: float,
+                   steps_per_epoch: int, epochs: int) -> Any:
+    """The lr schedule of train.schedule, stepped once per batch."""
+    schedule = p.get("schedule", "cosine")
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total, int(round(float(p.get("warmup_epochs", 0)) * steps_per_epoch)))
+    if schedule == "onecycle":
+        # Rises for the warmup (or 30% of the run when no warmup is set), then anneals.
+        pct = warmup / total if warmup else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total,
+                                                   pct_start=min(max(pct, 1e-3), 0.99))
+    if schedule not in SCHEDULES:
+        raise UserError(f"train.schedule is {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, schedule))
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """None, or `balanced` loss weights n / (classes * count): rare classes count for more."""
+    if mode in (None, "none"):
+        return None
+    if mode != "balanced":
+        raise UserError(f"train.class_weights is {mode!r}: use none or balanced")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class EarlyStopping:
+    """Tracks the lowest val loss; says stop after `patience` epochs without one (0: never)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+
+    def update(self, val_loss: float, epoch: int) -> bool:
+        """Record one epoch; True if it is the best so far."""
+        if not math.isfinite(val_loss):  # no val images: the latest epoch is the best we know
+            self.best_epoch = epoch
+            return True
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        """True once patience ran out."""
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """For the checkpoint."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """From the checkpoint."""
+        vars(self).update(state)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def fingerprint(params: dict[str, Any], meta: dict[str, Any], world: int) -> str:
+    """What a checkpoint is valid for: the params, data and hardware that shape the weights."""
+    train = {k: v for k, v in params["train"].items() if k not in RESUME_SAFE}
+    device = pick_device()
+    keyed = {"version": CHECKPOINT_VERSION, "lr": params["lr"], "train": train,
+             "data": meta, "processes": world, "device": device.type,
+             "precision": str(amp_dtype(device))}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_path(key: str) -> Path:
+    """Where the checkpoint of fingerprint `key` lives: outside DVC's outputs (see module doc)."""
+    base = Path(os.environ.get("IMGPIPE_CACHE") or repo_root() / ".cache" / "imgpipe")
+    return base / "checkpoints" / f"train-{key}.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint atomically and durably: a kill leaves the old one or the new one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None when there is none or it is of other params/data."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint is only a lost head start
+        print(f"note: ignoring unreadable checkpoint {path} ({type(err).__name__})")
+        return None
+    if state.get("fingerprint") != key:
+        print(f"note: ignoring checkpoint {path}: it is of other params or data")
+        return None
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Step:
+    """Everything one training step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    device: torch.device
+    meta: dict[str, Any]
+    flip: bool = False
+    translate: int = 0
+    clip: float | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+@dataclass
+class EpochStats:
+    """What one pass over the training data measured (summed over all processes)."""
+
+    loss: float
+    acc: float
+    images: int
+    steps: int
+    seconds: float
+    data_wait: float          # share of the epoch spent waiting for the next batch
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf at (epoch, step)."""
+
+
+def check_finite(losses: list[torch.Tensor], first_step: int, shard: Dist) -> None:
+    """Raise NonFiniteLoss naming the first bad global step; every process agrees."""
+    if not losses:
+        return
+    bad = (~torch.isfinite(torch.stack(losses))).nonzero()
+    first = first_step + int(bad[0]) if len(bad) else -1
+    if shard.world > 1:  # the earliest bad step over all processes, so that all stop together
+        flag = torch.tensor(first if first >= 0 else 2**62, device=losses[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        first = int(flag) if int(flag) < 2**62 else -1
+    if first >= 0:
+        raise NonFiniteLoss(first)
+
+
+def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
+                shard: Dist = Dist(), desc: str = "train") -> EpochStats:
+    """One pass over the training data: the classic loop, with the checks folded in.
+
+    The loss is checked for NaN/inf and logged (when `log` is a RunLogger) every
+    `log_every` steps: reading it every step would stall a GPU's queue.
+    """
+    s.model.train()
+    total_loss = torch.zeros((), device=s.device)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    pending: list[torch.Tensor] = []  # unchecked losses: .item() every step would stall a GPU
+    seen, waited, started = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not shard.main)
+    batches = iter(loader)
+    for i in range(len(loader)):
+        ready = time.perf_counter()
+        x, y = next(batches)
+        waited += time.perf_counter() - ready
+        x = augment(to_device(x, s.device, s.meta), s.flip, s.translate)
+        x = x.contiguous(memory_format=s.memory_format)
+        y = y.to(s.device, non_blocking=True)
+
+        s.optimizer.zero_grad(set_to_none=True)
+        with autocast(s.device):
+            out = s.model(x)
+            loss = s.loss_fn(out, y)
+        s.scaler.scale(loss).backward()
+        if s.clip:
+            s.scaler.unscale_(s.optimizer)
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.clip)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.scheduler.step()
+
+        loss = loss.detach()
+        pending.append(loss)
+        total_loss += loss * len(y)
+        correct += (out.argmax(1) == y).sum()
         seen += len(y)
-        bar.set_postfix(loss=f"{step_losses[-1]:.3f}", acc=f"{correct / seen:.3f}")
-    return float(np.mean(step_losses)), correct / seen, step_losses
+        bar.update()
+        if (i + 1) % log_every == 0 or i + 1 == len(loader):
+            check_finite(pending, first_step + i + 1 - len(pending), shard)
+            values = torch.stack(pending).tolist()
+            pending = []
+            if log is not None:
+                log.metrics({"step_loss": float(np.mean(values))}, step=first_step + i + 1)
+            if shard.main:
+                rate = seen * shard.world / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{values[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{rate:.0f}")
+    bar.close()
+    sums = torch.stack([total_loss.float(), correct.float(),
+                        torch.tensor(float(seen), device=s.device)])
+    if shard.world > 1:
+        dist.all_reduce(sums)
+    total, right, images = sums.tolist()
+    seconds = time.perf_counter() - started
+    return EpochStats(total / max(images, 1), right / max(images, 1), int(images),
+                      len(loader), seconds, waited / max(seconds, 1e-9))
 
 
-def evaluate_loss(model: nn.Module, loader: Any, loss_fn: nn.Module,
-                  device: torch.device, meta: dict[str, Any]) -> tuple[float, float]:
-    """Mean loss and accuracy over a loader."""
+def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device,
+             meta: dict[str, Any]) -> tuple[float, float]:
+    """Mean loss (unweighted, unsmoothed) and accuracy over a loader; NaN when it is empty."""
     logits, labels = predict(model, loader, device, meta)
     if len(labels) == 0:
         return float("nan"), float("nan")
-    return loss_fn(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def save_model(path: Path, model: nn.Module, meta: dict[str, Any], extra: dict[str, Any]) -> None:
+# ---------------------------------------------------------------- outputs
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the weights, safe to keep while training goes on."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
+               extra: dict[str, Any]) -> None:
     """Save the weights with everything predict needs, atomically."""
     checkpoint = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
         "classes": meta["classes"], "image_size": meta["image_size"],
         "resize": meta["resize"], "mean": meta["mean"], "std": meta["std"], **extra,
     }
@@ -110,74 +470,251 @@ def save_model(path: Path, model: nn.Module, meta: dict[str, Any], extra: dict[s
         torch.save(checkpoint, tmp)
 
 
-def train(params: dict[str, Any], run: Any) -> dict[str, Any]:
-    """Fit the model described by params; write the model, the epoch log and metrics."""
+def log_model(log: Any, model: nn.Module, example: torch.Tensor, register_as: str | None
+              ) -> None:
+    """Log the model to MLflow as a torch.export (pt2) program with signature and input example.
+
+    pt2 is MLflow's safe default: it loads without unpickling code, while a
+    pickled model only loads where stages/ is importable and
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.eval().cpu()
+    with torch.no_grad():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.numpy())
+    # Explicit requirements: inferring them starts a subprocess that imports the model.
+    log._call("model", 1, mlflow.pytorch.log_model, model, name="model",
+              signature=signature, input_example=example.numpy(),
+              serialization_format="pt2", registered_model_name=register_as or None,
+              pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+
+
+# ---------------------------------------------------------------- the stage
+
+def check_params(p: dict[str, Any], meta: dict[str, Any], world: int) -> None:
+    """Fail in one line, before any work, on train params that cannot work."""
+    if int(p["epochs"]) < 1:
+        raise UserError(f"train.epochs is {p['epochs']}: train for at least one epoch")
+    if int(p["batch_size"]) < world:
+        raise UserError(f"train.batch_size {p['batch_size']} is smaller than the number of "
+                        f"processes ({world})")
+    translate = int(p.get("translate") or 0)
+    if not 0 <= translate < int(meta["image_size"]):
+        raise UserError(f"train.translate is {translate} pixels: use 0 (off) up to "
+                        f"{int(meta['image_size']) - 1}, below the image size")
+    if p.get("schedule", "cosine") not in SCHEDULES:
+        raise UserError(f"train.schedule is {p['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    if p.get("optimizer", "sgd") not in ("sgd", "adamw"):
+        raise UserError(f"train.optimizer in params.yaml is {p['optimizer']!r}: use sgd or adamw")
+    if p.get("class_weights", "none") not in (None, "none", "balanced"):
+        raise UserError(f"train.class_weights is {p['class_weights']!r}: use none or balanced")
+    if p.get("data_on_device", "auto") not in ("auto", True, False, "true", "false"):
+        raise UserError(f"train.data_on_device is {p['data_on_device']!r}: "
+                        "use auto, true or false")
+
+
+def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
+          resume: dict[str, Any] | None = None, shard: Dist = Dist()) -> dict[str, Any] | None:
+    """Fit the model of params; rank 0 writes the model, epoch log, metrics and checkpoints."""
     p = params["train"]
-    lr, epochs, batch_size = float(params["lr"]), int(p["epochs"]), int(p["batch_size"])
-    generator = seed_everything(int(p["seed"]))
-    meta = read_meta(TENSORS)
-    device = pick_device()
+    check_params(p, meta, shard.world)
+    lr, epochs = float(params["lr"]), int(p["epochs"])
+    seed, log_every = int(p["seed"]), max(1, int(p.get("log_every", 10)))
+    batch_size = int(p["batch_size"]) // shard.world  # batch_size is the total over processes
+    translate = int(p.get("translate") or 0)
+    seed_everything(seed + shard.rank)  # DDP copies rank 0's initial weights to every rank
+    device = pick_device(shard.local_rank)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda  # fixed input shapes: let cuDNN pick the fastest kernels
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
+
     train_set, val_set = SplitDataset(TENSORS, "train"), SplitDataset(TENSORS, "val")
-    train_loader = make_loader(train_set, batch_size, int(p["workers"]), True, generator)
-    val_loader = make_loader(val_set, batch_size, int(p["workers"]), False)
+    sampler = make_sampler(train_set, seed, shard)
+    on_device = keep_on_device(p.get("data_on_device", "auto"), device,
+                               train_set.images.nbytes + val_set.images.nbytes)
+    # Seeds the loader workers; its own generator, so loaders never draw from torch's global one.
+    generator = torch.Generator().manual_seed(seed + shard.rank)
+    if on_device:
+        train_loader: Any = DeviceLoader(train_set, batch_size, sampler, device)
+        val_loader: Any = DeviceLoader(val_set, batch_size, range(len(val_set)), device)
+    else:
+        workers = int(p.get("workers") or 0)
+        train_loader = make_loader(train_set, batch_size, workers, sampler, device, generator)
+        val_loader = make_loader(val_set, batch_size, 0, None, device, torch.Generator())
 
-    model = create_model(p["model"], len(meta["classes"])).to(device)
-    optimizer = make_optimizer(p["optimizer"], model, lr, float(p["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, epochs * len(train_loader)))
-    loss_fn = nn.CrossEntropyLoss()
-    log = tracking.RunLogger(run.info.run_id)
-    print(f"training {p['model']} on {device}: {len(train_set)} train / {len(val_set)} val "
-          f"images, {len(meta['classes'])} classes, {epochs} epochs")
+    classes = meta["classes"]
+    net = create_model(p["model"], len(classes),
+                       pretrained=None if resume else p.get("pretrained")).to(device)
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    if resume:
+        net.load_state_dict(resume["model"])
+    model: nn.Module = net
+    if shard.world > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+    if p.get("compile"):
+        model = torch.compile(model)
 
-    history = []
-    step = 0
+    optimizer = make_optimizer(p, net, lr)
+    scheduler = make_scheduler(p, optimizer, lr, len(train_loader), epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
+    weights = class_weights(train_set.labels, len(classes), p.get("class_weights", "none"))
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                  label_smoothing=float(p.get("label_smoothing") or 0.0))
+    step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta,
+                bool(p.get("flip")), translate, float(p.get("clip_grad_norm") or 0) or None,
+                memory_format)
+    stopper = EarlyStopping(int(p.get("patience") or 0))
+    history: list[dict[str, Any]] = []
+    best_state, start_epoch, global_step = cpu_state(net), 0, 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        stopper.load_state_dict(resume["stopper"])
+        history, best_state = resume["history"], resume["best_state"]
+        start_epoch, global_step = resume["epoch"], resume["step"]
+        set_rng_state(resume["rng"][shard.rank])
+        generator.set_state(resume["rng"][shard.rank]["loader"])
+
+    log = tracking.RunLogger(run.info.run_id) if shard.main else None
+    if shard.main:
+        where = f"resuming after epoch {start_epoch}" if resume else "starting"
+        print(f"{where}: {p['model']} on {device}"
+              f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
+              f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
+              f"{epochs} epochs, data {'on the device' if on_device else 'streamed'}", flush=True)
+
     started = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        epoch_start = time.perf_counter()
-        train_loss, train_acc, losses = train_epoch(
-            model, train_loader, optimizer, scheduler, loss_fn, device, meta,
-            desc=f"epoch {epoch}/{epochs}")
-        seconds = time.perf_counter() - epoch_start
-        val_loss, val_acc = evaluate_loss(model, val_loader, loss_fn, device, meta)
-        if not np.isfinite(train_loss):
-            raise UserError(f"loss became {train_loss} in epoch {epoch}: the learning rate "
-                            f"(lr={lr}) is probably too high; lower it and rerun")
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val_loss, "val_acc": val_acc,
-               "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
-               "images_per_second": len(train_set) / seconds}
+    for epoch in range(start_epoch + 1, epochs + 1):
+        if stopper.stop:
+            break
+        sampler.set_epoch(epoch)
+        try:
+            stats = train_epoch(step, train_loader, global_step, log, log_every, shard,
+                                desc=f"epoch {epoch}/{epochs}")
+        except NonFiniteLoss as bad:
+            raise UserError(
+                f"loss became NaN or inf in epoch {epoch} at step {bad.args[0]}: the learning "
+                f"rate is probably too high (lr={lr}); lower lr in params.yaml and rerun "
+                "(no model was written)") from None
+        global_step += stats.steps
+        val_loss = val_acc = float("nan")
+        if shard.main:
+            val_loss, val_acc = evaluate(net, val_loader, loss_fn, device, meta)
+        if shard.world > 1:  # rank 0 decides for all, so every process stops at the same epoch
+            shared = [val_loss, val_acc]
+            dist.broadcast_object_list(shared, src=0)
+            val_loss, val_acc = shared
+        if stopper.update(val_loss, epoch):
+            best_state = cpu_state(net)
+        row = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.acc,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+               "epoch_seconds": stats.seconds, "images_per_second": stats.images / stats.seconds,
+               "data_wait": stats.data_wait}
         history.append(row)
-        log.series("step_loss", losses, step)
-        step += len(losses)
-        log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        print(f"epoch {epoch:>3}/{epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-              f"val loss {val_loss:.4f} acc {val_acc:.4f}  {row['images_per_second']:.0f} img/s")
 
-    save_model(MODEL, model, meta, {"model": p["model"], "run_id": run.info.run_id,
-                                    "data_version": meta["data_version"]})
+        mine = rng_state() | {"loader": generator.get_state()}
+        states: list[Any] = [mine]
+        if shard.world > 1:  # each process draws its own augmentations: keep every one's state
+            states = [None] * shard.world
+            dist.all_gather_object(states, mine)
+        if shard.main:
+            # Logged before the checkpoint: a kill in between repeats the epoch's values, rather
+            # than leave a checkpointed epoch that never reached MLflow.
+            log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            save_checkpoint(checkpoint_path(key), {
+                "fingerprint": key, "epoch": epoch,
+                "step": global_step, "model": cpu_state(net), "best_state": best_state,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "stopper": stopper.state_dict(),
+                "history": history, "rng": states, "run_id": run.info.run_id})
+            print(f"epoch {epoch:>3}/{epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}  "
+                  f"val loss {val_loss:.4f} acc {val_acc:.4f}  "
+                  f"{row['images_per_second']:.0f} img/s", flush=True)
+        if stopper.stop and shard.main:
+            print(f"early stop: val loss has not improved for {stopper.patience} epochs; "
+                  f"keeping epoch {stopper.best_epoch}")
+    if not shard.main:
+        return None
+    return finish(params, meta, run, log, net, best_state, stopper, history,
+                  checkpoint_path(key), device, val_loader, time.perf_counter() - started)
+
+
+def finish(params: dict[str, Any], meta: dict[str, Any], run: Any, log: Any, net: nn.Module,
+           best_state: dict[str, torch.Tensor], stopper: EarlyStopping,
+           history: list[dict[str, Any]], ckpt: Path, device: torch.device, val_loader: Any,
+           seconds: float) -> dict[str, Any]:
+    """Write the best epoch's model and the metrics locally first, then log them to MLflow."""
+    p = params["train"]
+    if not all(torch.isfinite(v).all() for v in best_state.values() if v.is_floating_point()):
+        raise UserError("the weights hold NaN or inf: lower lr in params.yaml and rerun "
+                        "(no model was written)")
+    best = next(r for r in history if r["epoch"] == stopper.best_epoch)
+    save_model(MODEL, best_state, meta, {"model": p["model"], "run_id": run.info.run_id,
+                                         "data_version": meta["data_version"],
+                                         "epoch": best["epoch"]})
     write_csv(EPOCHS_LOG, pd.DataFrame(history))
-    final = history[-1]
-    summary = {k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-    summary |= {"epochs": epochs, "seconds": round(time.perf_counter() - started, 2),
+    summary = {k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    summary |= {"best_epoch": best["epoch"], "epochs": len(history),
+                "stopped_early": stopper.stop, "seconds": round(seconds, 2),
                 "device": device.type, "mlflow_run_id": run.info.run_id}
     write_json(METRICS, summary)
+    ckpt.unlink(missing_ok=True)  # the model is safe: nothing left to resume
+
+    log.metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                 "best_val_acc": best["val_acc"]})
+    for path in (METRICS, EPOCHS_LOG):
+        log.artifact(path)
+    net.load_state_dict(best_state)
+    example = next(iter(val_loader))[0][:2] if len(val_loader) else None
+    if example is not None:
+        log_model(log, net, to_device(example.cpu(), torch.device("cpu"), meta),
+                  p.get("register_as"))
     if log.unlogged():
         print(f"warning: {log.unlogged()}")
     return summary
 
 
+def enable_system_metrics() -> None:
+    """CPU, memory (and GPU, with nvidia-ml-py) usage in the MLflow run, sampled in a thread."""
+    import mlflow
+
+    mlflow.enable_system_metrics_logging()
+
+
 @cli
 def main() -> None:
-    """Train a model on data/tensors/ and write models/model.pt."""
+    """Train a model on data/tensors/ and write models/model.pt (resuming if a checkpoint fits)."""
     params = load_params()
-    meta = read_meta(TENSORS)
-    logged = {"lr": params["lr"], "train": params["train"],
-              "data": {k: meta[k] for k in ("image_size", "resize", "normalize")}}
-    with tracking.stage_run(params["mlflow"]["experiment"], "train", logged,
-                            meta["data_version"]) as run:
-        summary = train(params, run)
-    print(f"done: val accuracy {summary['val_acc']:.4f}, model in {MODEL}")
+    gpus = int(params["train"].get("gpus") or 1)
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        relaunch_under_torchrun(gpus)
+    shard = init_distributed()
+    try:
+        meta = read_meta(TENSORS)
+        check_params(params["train"], meta, shard.world)
+        key = fingerprint(params, meta, shard.world)
+        resume = read_checkpoint(checkpoint_path(key), key)
+        if not shard.main:
+            train(params, meta, None, key, resume, shard)
+            return
+        logged = {"lr": params["lr"], "train": params["train"],
+                  "data": {k: meta[k] for k in ("image_size", "resize", "normalize")}}
+        enable_system_metrics()
+        with tracking.stage_run(params["mlflow"]["experiment"], "train", logged,
+                                meta["data_version"],
+                                run_id=resume["run_id"] if resume else None) as run:
+            summary = train(params, meta, run, key, resume, shard)
+        print(f"done: best epoch {summary['best_epoch']}, val accuracy "
+              f"{summary['val_acc']:.4f}, model in {MODEL}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

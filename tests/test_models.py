@@ -1,0 +1,57 @@
+"""The model zoo: models by name, local pretrained weights, heads for other classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.common import UserError
+from stages.models import create_model, load_pretrained
+
+
+def test_models_by_name_have_a_head_per_class():
+    x = torch.randn(2, 3, 32, 32)
+    assert create_model("smallcnn", 7)(x).shape == (2, 7)
+    assert create_model("resnet18", 5).eval()(x).shape == (2, 5)
+
+
+def test_unknown_model_is_a_one_line_error():
+    with pytest.raises(UserError, match="unknown model 'resnet19'.*did you mean"):
+        create_model("resnet19", 3)
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not found.*nothing is downloaded"):
+        create_model("smallcnn", 3, pretrained=tmp_path / "nope.pt")
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("smallcnn", 3)
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": source.state_dict()}, path)  # the models/model.pt layout
+    loaded = create_model("smallcnn", 3, pretrained=path)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
+
+
+def test_checkpoint_for_other_classes_loads_all_but_the_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    imagenet = create_model("resnet18", 1000)
+    path = tmp_path / "resnet18.pth"
+    # Keys as DDP saves them: the prefix is stripped on load.
+    torch.save({f"module.{k}": v for k, v in imagenet.state_dict().items()}, path)
+    model = create_model("resnet18", 4, pretrained=path)
+    out = capsys.readouterr().out
+    assert "left as initialised" in out and "fc.weight" in out
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, imagenet.layer4[1].bn2.running_var)
+    assert model.fc.weight.shape == (4, 512)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "small.pt"
+    torch.save(create_model("smallcnn", 3).state_dict(), path)
+    model = create_model("resnet18", 3)
+    with pytest.raises(UserError, match="do not fit this model"):
+        load_pretrained(model, path)

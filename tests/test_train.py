@@ -1,0 +1,309 @@
+"""The train stage: augmentation, schedules, determinism, resume after kill -9, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import BIN, dvc, env, mlflow_runs, set_params
+
+from stages import train as stage
+from stages.common import UserError
+from stages.models import load_checkpoint
+from stages.tensors import SplitDataset, read_meta, to_device
+
+RESULT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+
+
+def train_runs(repo: Path) -> list:
+    """The MLflow runs of the train stage."""
+    return [r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "train"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """True if two models/model.pt files hold bit-identical weights."""
+    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return wa["state_dict"].keys() == wb["state_dict"].keys() and all(
+        torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
+
+
+def checkpoints(repo: Path) -> list[Path]:
+    """Checkpoint files of the repo (complete ones: partial writes have a .tmp name)."""
+    return sorted((repo / ".cache/imgpipe/checkpoints").glob("*.pt"))
+
+
+def run_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, pd.DataFrame]:
+    """Run the train stage's main() in repo, in this process; returns its metrics."""
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    stage.main()
+    return (json.loads((repo / "metrics/train.json").read_text()),
+            pd.read_csv(repo / "metrics/epochs.csv"))
+
+
+# ---------------------------------------------------------------- augmentation
+
+def batch(n: int = 64, size: int = 8) -> torch.Tensor:
+    """Images whose every pixel is distinct, so any move of a pixel shows."""
+    return torch.arange(n * 3 * size * size, dtype=torch.float32).view(n, 3, size, size)
+
+
+def test_augmentation_off_is_identity():
+    x = batch()
+    assert torch.equal(stage.augment(x, flip=False, translate=0), x)
+
+
+def test_flip_is_drawn_per_image():
+    torch.manual_seed(0)
+    x = batch()
+    out = stage.augment(x, flip=True, translate=0)
+    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept))  # each image is itself or its mirror
+    assert 10 < sum(flipped) < 54                       # and the coin is tossed per image
+
+
+def test_translate_shifts_each_image_within_bounds():
+    torch.manual_seed(0)
+    x, pixels = batch(size=8), 2
+    out = stage.augment(x, flip=False, translate=pixels)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    shifts = set()
+    for o, i in zip(out, x):
+        # The centre of a shifted image is the input's centre moved by (dy, dx), |d| <= pixels.
+        found = [(dy, dx) for dy in range(-pixels, pixels + 1) for dx in range(-pixels, pixels + 1)
+                 if torch.equal(o[:, 2:6, 2:6], i[:, 2 + dy:6 + dy, 2 + dx:6 + dx])]
+        assert len(found) == 1
+        shifts.add(found[0])
+    assert len(shifts) > 5  # drawn per image, not once per batch
+
+
+def test_translate_must_be_below_image_size(clone_built, monkeypatch, capsys):
+    repo = clone_built()
+    set_params(repo, train={"translate": 8})
+    runs = len(train_runs(repo))
+    with pytest.raises(SystemExit):
+        run_in_process(repo, monkeypatch)
+    assert "error: train.translate is 8 pixels" in capsys.readouterr().err
+    assert len(train_runs(repo)) == runs  # refused before any run started
+
+
+# ---------------------------------------------------------------- optimisation
+
+def test_lr_schedules():
+    assert stage.lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)     # warmup ramps up
+    assert stage.lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert stage.lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)    # then decays
+    assert stage.lr_factor(99, 100, 10, "cosine") < 0.01
+    assert stage.lr_factor(99, 100, 0, "constant") == 1.0
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = stage.make_scheduler({"schedule": "onecycle", "warmup_epochs": 1}, opt, 0.1, 10, 4)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(0.1, rel=1e-3) and int(np.argmax(lrs)) in (9, 10)
+    with pytest.raises(UserError, match="train.schedule"):
+        stage.make_scheduler({"schedule": "linear"}, opt, 0.1, 10, 4)
+
+
+def test_optimizers():
+    model = torch.nn.Linear(2, 2)
+    sgd = stage.make_optimizer({"optimizer": "sgd", "momentum": 0.8, "nesterov": True}, model, 0.1)
+    assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"]
+    assert isinstance(stage.make_optimizer({"optimizer": "adamw"}, model, 0.1), torch.optim.AdamW)
+    with pytest.raises(UserError, match="sgd or adamw"):
+        stage.make_optimizer({"optimizer": "lion"}, model, 0.1)
+
+
+def test_balanced_class_weights():
+    labels = np.array([0] * 90 + [1] * 10)
+    weights = stage.class_weights(labels, 2, "balanced")
+    assert weights.tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])
+    assert stage.class_weights(labels, 2, "none") is None
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    stopper = stage.EarlyStopping(patience=2)
+    improved = [stopper.update(loss, epoch) for epoch, loss in
+                enumerate([1.0, 0.5, 0.6, 0.4, 0.45, 0.5], start=1)]
+    assert improved == [True, True, False, True, False, False]
+    assert stopper.stop and stopper.best_epoch == 4
+    assert not stage.EarlyStopping(patience=0).stop
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_fingerprint_tracks_params_and_data():
+    params = {"lr": 0.05, "train": {"epochs": 3, "workers": 0, "log_every": 10}}
+    meta = {"data_version": "abc", "image_size": 8}
+    key = stage.fingerprint(params, meta, 1)
+    assert key == stage.fingerprint(params, dict(meta), 1)
+    assert key != stage.fingerprint({**params, "lr": 0.1}, meta, 1)
+    assert key != stage.fingerprint({**params, "train": {**params["train"], "epochs": 4}}, meta, 1)
+    assert key != stage.fingerprint(params, {**meta, "data_version": "abd"}, 1)
+    assert key != stage.fingerprint(params, meta, 2)
+    # How a run goes (workers, logging) does not change what it computes: the checkpoint holds.
+    quiet = {**params, "train": {**params["train"], "workers": 2, "log_every": 50}}
+    assert key == stage.fingerprint(quiet, meta, 1)
+
+
+def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
+    repo = clone_built()
+    set_params(repo, train={"patience": 1, "flip": True, "epochs": 3})
+    first, epochs_a = run_in_process(repo, monkeypatch)
+    weights = repo / "first.pt"
+    shutil.copy(repo / "models/model.pt", weights)
+    second, epochs_b = run_in_process(repo, monkeypatch)
+    pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_b[RESULT_COLUMNS])
+    assert same_weights(weights, repo / "models/model.pt")
+    assert first["val_loss"] == second["val_loss"]
+    # Holding the data in memory instead of streaming it changes nothing but the speed.
+    set_params(repo, train={"data_on_device": True})
+    _, epochs_c = run_in_process(repo, monkeypatch)
+    pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_c[RESULT_COLUMNS])
+    assert same_weights(weights, repo / "models/model.pt")
+    # The model is the epoch with the lowest val loss; the run stops once patience is spent.
+    best = int(epochs_a.loc[epochs_a["val_loss"].idxmin(), "epoch"])
+    assert first["best_epoch"] == best == torch.load(weights, weights_only=True)["epoch"]
+    assert len(epochs_a) <= best + 1
+    assert checkpoints(repo) == []  # a finished run leaves nothing to resume
+
+
+def test_nan_loss_stops_with_one_line_and_no_model(clone_built):
+    repo = clone_built()
+    set_params(repo, lr=1e12)
+    proc = dvc(repo, "repro", "train", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "NaN or inf in epoch 1 at step" in errors[0] and "lr" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (repo / "models/model.pt").exists()
+    assert checkpoints(repo) == []
+
+
+# ---------------------------------------------------------------- resume after kill -9
+
+def test_resume_after_kill_matches_an_uninterrupted_run(clone_built, tmp_path):
+    repo = clone_built()
+    # Small batches: many steps per epoch, so that the kill lands mid-run.
+    set_params(repo, train={"epochs": 4, "batch_size": 8, "patience": 0})
+    reference = tmp_path / "reference"
+    shutil.copytree(repo, reference, symlinks=True)
+    before = len(train_runs(repo))
+
+    # Start training as a user would, and kill -9 the whole process group after epoch 1.
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=repo, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not checkpoints(repo) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoints(repo)
+    assert len(saved) == 1 and not (repo / "models/model.pt").exists(), \
+        "training finished before it could be killed: the machine is too slow for this test"
+    killed_at = torch.load(saved[0], weights_only=True)["epoch"]
+    assert 1 <= killed_at < 4
+
+    # The checkpoint is named by, and only ever read back for, its params and data.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    meta = read_meta(repo / "data/tensors")
+    assert saved[0].name == f"train-{stage.fingerprint(params, meta, 1)}.pt"
+    assert stage.read_checkpoint(saved[0], stage.fingerprint({**params, "lr": 0.07}, meta, 1)) \
+        is None
+
+    out = dvc(repo, "repro", "train").stdout
+    assert f"resuming after epoch {killed_at}" in out
+    dvc(reference, "repro", "train")
+
+    assert same_weights(repo / "models/model.pt", reference / "models/model.pt")
+    resumed = pd.read_csv(repo / "metrics/epochs.csv")
+    pd.testing.assert_frame_equal(resumed[RESULT_COLUMNS],
+                                  pd.read_csv(reference / "metrics/epochs.csv")[RESULT_COLUMNS])
+    runs = train_runs(repo)
+    assert len(runs) == before + 1 and runs[0].info.status == "FINISHED"  # one run, continued
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")}
+    assert steps == {1, 2, 3, 4}
+    assert checkpoints(repo) == []
+
+
+def test_checkpoint_of_other_params_is_not_resumed(clone_built, monkeypatch, capsys):
+    repo = clone_built()
+    meta = read_meta(repo / "data/tensors")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    # A checkpoint left by a killed run with another lr, as if renamed to this run's name.
+    old = stage.fingerprint({**params, "lr": 0.5}, meta, 1)
+    path = repo / ".cache/imgpipe/checkpoints" / f"train-{stage.fingerprint(params, meta, 1)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fingerprint": old, "epoch": 1, "run_id": "x"}, path)
+    summary, epochs = run_in_process(repo, monkeypatch)
+    out = capsys.readouterr().out
+    assert "ignoring checkpoint" in out and "starting:" in out and "resuming" not in out
+    assert list(epochs["epoch"]) == [1, 2]
+    assert len(train_runs(repo)) == 2  # built_repo's run and this new one
+
+
+# ---------------------------------------------------------------- MLflow and scale-out
+
+def test_logged_model_predicts_like_model_pt(built_repo):
+    import mlflow
+
+    (run,) = train_runs(built_repo)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{built_repo / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{built_repo / 'mlflow.db'}")
+    for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "epoch_seconds",
+                "images_per_second", "step_loss"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            output_format="list")
+    assert logged.source_run_id == run.info.run_id
+    loaded = mlflow.pytorch.load_model(logged.model_uri)
+    model, _ = load_checkpoint(built_repo / "models/model.pt")
+    meta = read_meta(built_repo / "data/tensors")
+    x = to_device(torch.from_numpy(SplitDataset(built_repo / "data/tensors", "val").images[:5]),
+                  torch.device("cpu"), meta)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    info = mlflow.models.get_model_info(logged.model_uri)
+    assert info.signature is not None and info.saved_input_example_info is not None
+
+
+def test_ddp_on_two_cpu_processes_makes_one_model_and_one_run(clone_built):
+    repo = clone_built()
+    before = len(train_runs(repo))
+    set_params(repo, train={"gpus": 2, "register_as": "digits"})
+    proc = dvc(repo, "repro", "train", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
+               MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1")
+    assert "relaunching under torchrun" in proc.stdout and "x 2 processes" in proc.stdout
+    model, checkpoint = load_checkpoint(repo / "models/model.pt")
+    assert checkpoint["classes"] == read_meta(repo / "data/tensors")["classes"]
+    runs = train_runs(repo)
+    assert len(runs) == before + 1
+    new = runs[0]
+    assert new.info.status == "FINISHED" and math.isfinite(new.data.metrics["val_loss"])
+    assert any(k.startswith("system/") for k in new.data.metrics)  # system metrics are on
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name='digits'")
+    assert version.run_id == new.info.run_id
