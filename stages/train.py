@@ -384,8 +384,9 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
                 shard: Dist = Dist(), desc: str = "train") -> EpochStats:
     """One pass over the training data: the classic loop, with the checks folded in.
 
-    The loss is checked for NaN/inf and logged (when `log` is a RunLogger) every
-    `log_every` steps: reading it every step would stall a GPU's queue.
+    The loss is checked for NaN/inf and sent to MLflow (when `log` is a RunLogger)
+    every `log_every` steps, each step's own value: reading it every step would
+    stall a GPU's queue.
     """
     s.model.train()
     total_loss = torch.zeros((), device=s.device)
@@ -424,8 +425,8 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
             check_finite(pending, first_step + i + 1 - len(pending), shard)
             values = torch.stack(pending).tolist()
             pending = []
-            if log is not None:
-                log.metrics({"step_loss": float(np.mean(values))}, step=first_step + i + 1)
+            if log is not None:  # every step's own loss, written in one batch
+                log.series("step_loss", values, first_step + i + 2 - len(values))
             if shard.main:
                 rate = seen * shard.world / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
