@@ -42,10 +42,10 @@ class MlflowServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
             time.sleep(0.3)
         self.kill()
         raise AssertionError(f"mlflow did not start on {self.url}:\n"

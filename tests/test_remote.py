@@ -1,0 +1,140 @@
+"""Team setups: a real remote MLflow server (up, down, dying mid-training) and a DVC remote."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import dvc, env, git, make_repo, run, set_params
+from servers import free_port, mlflow_server
+
+# A stage notices a dead server after one retry: keeps the tests quick.
+FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+
+
+def all_artifacts(client, run_id: str, folder: str | None = None) -> list:
+    """Every file artifact of a run, recursively."""
+    found = []
+    for item in client.list_artifacts(run_id, folder):
+        found += all_artifacts(client, run_id, item.path) if item.is_dir else [item]
+    return found
+
+
+def test_pipeline_logs_to_remote_server(tmp_path):
+    from mlflow import MlflowClient
+
+    repo = make_repo(tmp_path / "repo")
+    with mlflow_server(tmp_path / "server") as server:
+        dvc(repo, "repro", MLFLOW_TRACKING_URI=server.url)
+        assert not (repo / "mlflow.db").exists(), "logged to the local store instead"
+
+        client = MlflowClient(tracking_uri=server.url)
+        experiment = client.get_experiment_by_name("imgpipe")
+        runs = client.search_runs([experiment.experiment_id])
+        stages = {r.data.tags["imgpipe.stage"]: r for r in runs}
+        assert set(stages) == {"index", "preprocess", "train"}, stages.keys()
+        assert all(r.info.status == "FINISHED" for r in runs)
+        assert "eval_accuracy" in stages["train"].data.metrics
+
+        # Every artifact any stage logged comes back through the server, byte for byte
+        # where the pipeline also keeps a copy (model, plots and metrics alike).
+        local = {p.name: p for folder in ("data", "metrics", "models")
+                 for p in (repo / folder).rglob("*") if p.is_file()}
+        fetched = []
+        for r in runs:
+            for item in all_artifacts(client, r.info.run_id):
+                path = Path(client.download_artifacts(r.info.run_id, item.path,
+                                                      str(tmp_path / "fetched" / r.info.run_id)))
+                assert path.stat().st_size == item.file_size, item.path
+                if path.name in local:
+                    assert filecmp.cmp(path, local[path.name], shallow=False), item.path
+                fetched.append(item.path)
+        assert {"rejects.csv", "eval.json"} <= {Path(p).name for p in fetched}, fetched
+        # Models logged with mlflow.<flavor>.log_model live beside the runs (MLflow 3).
+        import mlflow
+
+        mlflow.set_tracking_uri(server.url)
+        for model in client.search_logged_models([experiment.experiment_id]):
+            folder = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}",
+                                                         dst_path=str(tmp_path / "models"))
+            assert (Path(folder) / "MLmodel").exists(), model.model_id
+        assert (tmp_path / "server" / "artifacts").is_dir()
+
+
+def test_unreachable_server_fails_in_one_line_before_training(clone_built):
+    repo = clone_built()
+    model = repo / "models" / "model.pt"
+    before = model.stat().st_mtime_ns
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    proc = run([sys.executable, "-m", "stages.train"], repo, check=False,
+               MLFLOW_TRACKING_URI=dead)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow server {dead} is "
+                                                   "unreachable"), proc.stderr
+
+    out = dvc(repo, "repro", "-f", check=False, MLFLOW_TRACKING_URI=dead)
+    assert out.returncode != 0
+    assert "unreachable" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "Running stage 'train'" not in out.stdout  # index failed first
+    assert model.stat().st_mtime_ns == before
+
+
+def test_server_dying_mid_training_keeps_the_model(clone_built, tmp_path):
+    from mlflow import MlflowClient
+
+    repo = clone_built()
+    # Many short epochs: the server dies after the first one, training has long to go.
+    set_params(repo, train={"epochs": 300})
+    model = repo / "models" / "model.pt"
+    model.unlink()
+    with mlflow_server(tmp_path / "server") as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.train"], cwd=repo, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env(MLFLOW_TRACKING_URI=server.url, **FAST_FAIL))
+        client = MlflowClient(tracking_uri=server.url)
+        deadline = time.monotonic() + 300
+        while not any("train_loss" in r.data.metrics for r in client.search_runs(
+                [e.experiment_id for e in client.search_experiments()])):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no epoch was ever logged"
+            time.sleep(0.2)
+        server.kill()
+        stdout, stderr = proc.communicate(timeout=600)
+
+    assert model.exists(), stdout + stderr
+    assert (repo / "metrics" / "train.json").exists()
+    # Exit 1: the MLflow run is incomplete, so DVC must not record the stage as done.
+    assert proc.returncode == 1, stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MLflow store failed") and "not logged:" in last, stderr
+    assert "metric values" in last, last
+
+
+def test_dvc_remote_restores_a_fresh_clone(clone_built, tmp_path):
+    repo = clone_built()
+    dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    git(repo, "add", ".dvc/config")
+    git(repo, "commit", "-q", "-m", "DVC remote")
+    dvc(repo, "push")
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "data" / "raw").exists()
+    dvc(clone, "pull")
+    for out in ["data/manifest.csv", "data/splits.json", "data/tensors/meta.json",
+                "data/tensors/train_x.npy", "models/model.pt"]:
+        assert filecmp.cmp(clone / out, repo / out, shallow=False), out
+    raw = sorted(p.relative_to(clone) for p in (clone / "data" / "raw").rglob("*.png"))
+    assert raw == sorted(p.relative_to(repo) for p in (repo / "data" / "raw").rglob("*.png"))
+    assert len(raw) == 200
+
+    out = dvc(clone, "repro").stdout
+    assert "Running stage" not in out, out
+    assert not (clone / "mlflow.db").exists()  # nothing ran, nothing logged
