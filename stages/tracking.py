@@ -182,44 +182,54 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
     import mlflow
 
     experiment_id = connect(experiment)
-    if run_id is not None and not _run_exists(run_id):
-        print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
-        run_id = None
-    if run_id is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
-                               tags=run_tags(stage, data_version))
-    else:
-        run = mlflow.start_run(run_id=run_id)
+    try:
+        if run_id is not None and not _run_exists(run_id):
+            print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
+            run_id = None
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
+                                   tags=run_tags(stage, data_version))
+        else:
+            run = mlflow.start_run(run_id=run_id)
+    except Exception as err:
+        lost = _store_gone(err, None, stage)
+        if lost is None:
+            raise
+        raise UserError(lost) from None
     status = "FAILED"
     try:
         if params:
             mlflow.log_params(flatten(params))
         yield run
         status = "FINISHED"
+    except UserError:
+        raise
     except Exception as err:
         lost = _store_gone(err, run.info.run_id, stage)
         if lost is None:
             raise
         raise UserError(lost) from None
     finally:
-        _end_run(status)
+        # A run that lost some of its logging is marked FAILED: it is not the whole record.
+        _end_run("FAILED" if run.info.run_id in _FAILED else status)
     failed = _FAILED.get(run.info.run_id)
     if failed is not None:
         raise UserError(f"{failed.unlogged()}; the {stage} stage's local outputs are "
                         "complete, and the next `dvc repro` runs it again to log it all")
 
 
-def _store_gone(err: Exception, run_id: str, stage: str) -> str | None:
+def _store_gone(err: Exception, run_id: str | None, stage: str) -> str | None:
     """One line for an MLflow call that failed because the store went away, else None."""
     try:
         check_reachable(tracking_uri())
         return None  # the store is fine: a real bug, keep its traceback
     except UserError as gone:
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        failed = _FAILED.get(run_id)
+        first = _reason(err)
+        failed = _FAILED.get(run_id) if run_id else None
         earlier = f"; before that, {failed.unlogged()}" if failed is not None else ""
+        what = f"the rest of run {run_id}" if run_id else "the whole stage"
         return (f"{gone}; the {stage} stage stopped at an MLflow call ({first}); "
-                f"not logged: the rest of run {run_id}{earlier}")
+                f"not logged: {what}{earlier}")
 
 
 def _end_run(status: str) -> None:
@@ -237,13 +247,22 @@ def _end_run(status: str) -> None:
     try:
         mlflow.end_run(status)
     except Exception as err:  # noqa: BLE001 - the caller reports what was lost
-        print(f"warning: MLflow run could not be closed ({str(err).splitlines()[0][:200]})")
+        if reachable:
+            print(f"warning: MLflow run could not be closed ({_reason(err)})")
     finally:
         if not reachable:
             if saved is None:
                 os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
             else:
                 os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an MLflow error, short: a dead server is named as such."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "API request to" in text and ("Max retries exceeded" in text or "Connection" in text):
+        return f"server {tracking_uri()} stopped answering"
+    return text[:200]
 
 
 def _run_exists(run_id: str) -> bool:
@@ -292,7 +311,7 @@ class RunLogger:
                 fn(*args, **kwargs)
                 return
             except Exception as err:  # noqa: BLE001 - any store failure is handled the same way
-                self.error = str(err).splitlines()[0][:200] or type(err).__name__
+                self.error = _reason(err)
                 _FAILED[self.run_id] = self
                 print(f"warning: MLflow logging failed ({self.error}); "
                       "training goes on, outputs are still written locally")

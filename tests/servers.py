@@ -58,18 +58,14 @@ class MlflowServer:
         self.proc.wait(timeout=30)
 
 
-@contextlib.contextmanager
-def mlflow_server(tmp: Path, *extra: str) -> Iterator[MlflowServer]:
-    """`mlflow server` with a sqlite backend and an artifacts folder under tmp."""
+def start_server(tmp: Path) -> MlflowServer:
+    """A running `mlflow server` with a sqlite backend and an artifacts folder under tmp."""
     tmp.mkdir(parents=True, exist_ok=True)
     server = MlflowServer(["server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
                            "--artifacts-destination", str(tmp / "artifacts"),
-                           "--workers", "1", *extra], tmp, tmp / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.kill()
+                           "--workers", "1"], tmp, tmp / "server.log")
+    server.wait_ready()
+    return server
 
 
 @contextlib.contextmanager

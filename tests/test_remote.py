@@ -8,11 +8,35 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import dvc, env, git, make_repo, run, set_params
-from servers import free_port, mlflow_server
+from servers import MlflowServer, free_port, start_server
 
 # A stage notices a dead server after one retry: keeps the tests quick.
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `mlflow server` for the module (it takes a while to boot); restarted if a test
+    killed it, on the same store."""
+    folder = tmp_path_factory.mktemp("server")
+    started: list[MlflowServer] = []
+
+    def live() -> MlflowServer:
+        if not started or started[-1].proc.poll() is not None:
+            started.append(start_server(folder))
+        return started[-1]
+
+    yield live
+    for one in started:
+        one.kill()
+
+
+def train_runs(client) -> list:
+    """The train runs on a server, in any experiment."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, "tags.`imgpipe.stage` = 'train'") if ids else []
 
 
 def all_artifacts(client, run_id: str, folder: str | None = None) -> list:
@@ -23,45 +47,44 @@ def all_artifacts(client, run_id: str, folder: str | None = None) -> list:
     return found
 
 
-def test_pipeline_logs_to_remote_server(tmp_path):
+def test_pipeline_logs_to_remote_server(server, tmp_path):
     from mlflow import MlflowClient
 
     repo = make_repo(tmp_path / "repo")
-    with mlflow_server(tmp_path / "server") as server:
-        dvc(repo, "repro", MLFLOW_TRACKING_URI=server.url)
-        assert not (repo / "mlflow.db").exists(), "logged to the local store instead"
+    url = server().url
+    dvc(repo, "repro", MLFLOW_TRACKING_URI=url)
+    assert not (repo / "mlflow.db").exists(), "logged to the local store instead"
 
-        client = MlflowClient(tracking_uri=server.url)
-        experiment = client.get_experiment_by_name("imgpipe")
-        runs = client.search_runs([experiment.experiment_id])
-        stages = {r.data.tags["imgpipe.stage"]: r for r in runs}
-        assert set(stages) == {"index", "preprocess", "train"}, stages.keys()
-        assert all(r.info.status == "FINISHED" for r in runs)
-        assert "eval_accuracy" in stages["train"].data.metrics
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("imgpipe")
+    runs = client.search_runs([experiment.experiment_id])
+    stages = {r.data.tags["imgpipe.stage"]: r for r in runs}
+    assert set(stages) == {"index", "preprocess", "train"}, stages.keys()
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert "eval_accuracy" in stages["train"].data.metrics
 
-        # Every artifact any stage logged comes back through the server, byte for byte
-        # where the pipeline also keeps a copy (model, plots and metrics alike).
-        local = {p.name: p for folder in ("data", "metrics", "models")
-                 for p in (repo / folder).rglob("*") if p.is_file()}
-        fetched = []
-        for r in runs:
-            for item in all_artifacts(client, r.info.run_id):
-                path = Path(client.download_artifacts(r.info.run_id, item.path,
-                                                      str(tmp_path / "fetched" / r.info.run_id)))
-                assert path.stat().st_size == item.file_size, item.path
-                if path.name in local:
-                    assert filecmp.cmp(path, local[path.name], shallow=False), item.path
-                fetched.append(item.path)
-        assert {"rejects.csv", "eval.json"} <= {Path(p).name for p in fetched}, fetched
-        # Models logged with mlflow.<flavor>.log_model live beside the runs (MLflow 3).
-        import mlflow
+    # Every artifact any stage logged comes back through the server, byte for byte
+    # where the pipeline also keeps a copy (model, plots and metrics alike).
+    local = {p.name: p for folder in ("data", "metrics", "models")
+             for p in (repo / folder).rglob("*") if p.is_file()}
+    fetched = []
+    for r in runs:
+        for item in all_artifacts(client, r.info.run_id):
+            path = Path(client.download_artifacts(r.info.run_id, item.path,
+                                                  str(tmp_path / "fetched" / r.info.run_id)))
+            assert path.stat().st_size == item.file_size, item.path
+            if path.name in local:
+                assert filecmp.cmp(path, local[path.name], shallow=False), item.path
+            fetched.append(item.path)
+    assert {"rejects.csv", "eval.json"} <= {Path(p).name for p in fetched}, fetched
+    # Models logged with mlflow.<flavor>.log_model live beside the runs (MLflow 3).
+    import mlflow
 
-        mlflow.set_tracking_uri(server.url)
-        for model in client.search_logged_models([experiment.experiment_id]):
-            folder = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}",
-                                                         dst_path=str(tmp_path / "models"))
-            assert (Path(folder) / "MLmodel").exists(), model.model_id
-        assert (tmp_path / "server" / "artifacts").is_dir()
+    mlflow.set_tracking_uri(url)
+    for model in client.search_logged_models([experiment.experiment_id]):
+        folder = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}",
+                                                     dst_path=str(tmp_path / "models"))
+        assert (Path(folder) / "MLmodel").exists(), model.model_id
 
 
 def test_unreachable_server_fails_in_one_line_before_training(clone_built):
@@ -85,37 +108,37 @@ def test_unreachable_server_fails_in_one_line_before_training(clone_built):
     assert model.stat().st_mtime_ns == before
 
 
-def test_server_dying_mid_training_keeps_the_model(clone_built, tmp_path):
+def test_server_dying_mid_training_keeps_the_model(server, clone_built):
     from mlflow import MlflowClient
 
     repo = clone_built()
-    # The server dies once the first epoch is logged; 39 epochs to go leave a wide margin
+    # The server dies once the first epoch is logged; 19 epochs to go leave a wide margin
     # over the ~0.1 s the test takes to notice and kill it.
-    set_params(repo, train={"epochs": 40})
+    set_params(repo, train={"epochs": 20})
     model = repo / "models" / "model.pt"
     model.unlink()
-    with mlflow_server(tmp_path / "server") as server:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.train"], cwd=repo, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env(MLFLOW_TRACKING_URI=server.url, **FAST_FAIL))
-        client = MlflowClient(tracking_uri=server.url)
-        deadline = time.monotonic() + 300
-        while not any(r.data.metrics for r in client.search_runs(
-                [e.experiment_id for e in client.search_experiments()],
-                "tags.`imgpipe.stage` = 'train'")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no epoch was ever logged"
-            time.sleep(0.1)
-        server.kill()
-        stdout, stderr = proc.communicate(timeout=600)
+    server = server()
+    client = MlflowClient(tracking_uri=server.url)
+    before = {r.info.run_id for r in train_runs(client)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"], cwd=repo, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env(MLFLOW_TRACKING_URI=server.url, **FAST_FAIL))
+    deadline = time.monotonic() + 300
+    while not any(r.data.metrics for r in train_runs(client) if r.info.run_id not in before):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no epoch was ever logged"
+        time.sleep(0.1)
+    server.kill()
+    stdout, stderr = proc.communicate(timeout=600)
 
     assert model.exists(), stdout + stderr
     assert (repo / "metrics" / "train.json").exists()
     # Exit 1: the MLflow run is incomplete, so DVC must not record the stage as done.
     assert proc.returncode == 1, stdout + stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: MLflow store failed") and "not logged:" in last, stderr
+    assert last.startswith(f"error: MLflow store failed (server {server.url} stopped "
+                           "answering): not logged: "), stderr
     assert "metric values" in last, last
 
 

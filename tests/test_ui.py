@@ -125,7 +125,7 @@ def test_ui_lists_runs_and_compares_lr(clone_built, tmp_path):
         ui.kill()
 
 
-def screenshot(out: Path, lrs: tuple[str, ...] = ("0.01", "0.03", "0.1", "0.3")) -> None:
+def screenshot(out: Path, lrs: tuple[str, ...] = ("0.01", "0.02", "0.1", "0.2")) -> None:
     """Train the full sample at several lr through the DVC queue, and screenshot the comparison."""
     work = Path(tempfile.mkdtemp(prefix="imgpipe-screenshot-"))
     try:
@@ -135,14 +135,15 @@ def screenshot(out: Path, lrs: tuple[str, ...] = ("0.01", "0.03", "0.1", "0.3"))
 
         write_digits(repo / "data" / "raw")
         dvc(repo, "add", "-q", "data/raw")
+        dvc(repo, "repro")  # the baseline (lr 0.05); the queued runs then only train
         git(repo, "add", "-A")
         git(repo, "commit", "-q", "-m", "sample digits")
         for lr in lrs:
             dvc(repo, "exp", "run", "--queue", "-S", f"lr={lr}")
-        dvc(repo, "queue", "start", "-j", "1")
-        while dvc(repo, "queue", "status").stdout.count("Queued") + \
-                dvc(repo, "queue", "status").stdout.count("Running"):
+        dvc(repo, "queue", "start", "-j", "2")
+        while any(word in dvc(repo, "queue", "status").stdout for word in ("Queued", "Running")):
             time.sleep(5)
+        dvc(repo, "queue", "stop")
         experiment_id, runs = train_runs(repo)
         print(f"{len(runs)} train runs: {sorted(r.data.params['lr'] for r in runs)}")
         with mlflow_ui(repo) as ui:
@@ -150,7 +151,9 @@ def screenshot(out: Path, lrs: tuple[str, ...] = ("0.01", "0.03", "0.1", "0.3"))
             try:
                 open_compare_page(driver, ui.url, experiment_id, [r.info.run_id for r in runs])
                 close_assistant(driver)
-                time.sleep(3)  # let the plot finish drawing
+                wait_for(driver, "the parallel coordinates plot",
+                         lambda d: d.find_elements("css selector", ".js-plotly-plot .parcoords"))
+                time.sleep(2)  # let the plot finish drawing
                 driver.save_screenshot(str(out))
             finally:
                 driver.quit()
