@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean-cache
+.PHONY: setup demo test lint clean-cache browser screenshot
 
 setup: $(STAMP)
 
@@ -24,8 +24,25 @@ demo: setup
 	@echo
 	@echo "Compare runs in the MLflow UI:  $(BIN)/mlflow ui   (then open http://127.0.0.1:5000)"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# tests/test_ui.py drives the system Chromium through chromedriver. Install them when
+# missing and we may (root with apt: CI); otherwise stop and say how, never skip the test.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	else \
+	  echo "error: the UI test needs Chromium and chromedriver; install them" \
+	    "(Debian: sudo apt-get install chromium chromium-driver)" >&2; exit 1; \
+	fi
+
+# Refresh docs/mlflow-ui.png: real runs on the full sample, compared in the MLflow UI.
+screenshot: setup browser
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/test_ui.py docs/mlflow-ui.png
 
 lint: setup
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -17,8 +18,20 @@ from typing import Any
 
 from stages.common import UserError, repo_root
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; parallel first runs are then not guarded
+    fcntl = None
+
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+# Beside the store, matched by .gitignore's /mlflow.db-*: serialises creating the store.
+LOCK_SUFFIX = "-lock"
+# MLflow's own defaults retry a dead server for about 4 minutes per call; a stage
+# should notice in seconds and go on training. The user's own settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def tracking_uri() -> str:
@@ -45,26 +58,69 @@ def check_reachable(uri: str) -> None:
                             "fix it or set MLFLOW_TRACKING_URI")
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI, or None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def store_lock(db: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside a sqlite store (no-op for servers and on Windows).
+
+    MLflow creates a fresh sqlite store by running its schema migrations with no lock
+    of its own, so parallel first runs (`dvc queue start -j 2`) break each other
+    ("table _alembic_tmp_metrics already exists", "duplicate column name").
+    """
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.with_name(db.name + LOCK_SUFFIX), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _use_wal(db: Path) -> None:
+    """Create the sqlite store in WAL mode: readers (the UI) never block a writing stage."""
+    if db.exists() and db.stat().st_size > 0:
+        return  # journal mode is stored in the file: set once, at creation
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
 def connect(experiment: str) -> str:
     """Point MLflow at the store and return the id of `experiment`, creating it if needed."""
     import mlflow
 
     uri = tracking_uri()
     check_reachable(uri)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if uri.startswith("sqlite:///"):
-            # Absolute, so that runs from `dvc exp run --temp` keep their artifacts.
-            location = (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
-        return mlflow.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException as err:
-        if mlflow.get_experiment_by_name(experiment) is not None:  # another process made it
-            return mlflow.get_experiment_by_name(experiment).experiment_id
-        raise UserError(f"MLflow store {uri} cannot be used: {str(err).splitlines()[0]}") from None
+    db = sqlite_path(uri)
+    # Creating the store and the experiment happens once per store, under the lock;
+    # after that, MLflow's own 20 s sqlite busy timeout covers parallel writers.
+    with store_lock(db):
+        if db is not None:
+            _use_wal(db)
+        try:
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is not None:
+                return found.experiment_id
+            location = None
+            if db is not None:
+                # Absolute, so that runs from `dvc exp run --temp` keep their artifacts.
+                location = (db.parent / ARTIFACTS_DIR).as_uri()
+            return mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException as err:
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is not None:  # another process (without the lock: a server) made it
+                return found.experiment_id
+            raise UserError(f"MLflow store {uri} cannot be used: "
+                            f"{str(err).splitlines()[0]}") from None
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
@@ -117,22 +173,96 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @contextlib.contextmanager
 def stage_run(experiment: str, stage: str, params: dict[str, Any],
               data_version: str | None = None, run_id: str | None = None) -> Iterator[Any]:
-    """Start (or, with run_id, continue) the MLflow run a stage logs into."""
+    """Start (or, with run_id, continue) the MLflow run a stage logs into.
+
+    If the store goes away while the stage runs, what the stage wrote locally is
+    kept, and the stage ends with one line saying what was not logged (exit 1 via
+    `common.cli`): the run is incomplete, so DVC must not record the stage as done.
+    """
     import mlflow
 
     experiment_id = connect(experiment)
-    if run_id is not None and not _run_exists(run_id):
-        print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
-        run_id = None
-    if run_id is None:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
-                               tags=run_tags(stage, data_version))
-    else:
-        run = mlflow.start_run(run_id=run_id)
-    with run:
+    try:
+        if run_id is not None and not _run_exists(run_id):
+            print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
+            run_id = None
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
+                                   tags=run_tags(stage, data_version))
+        else:
+            run = mlflow.start_run(run_id=run_id)
+    except Exception as err:
+        lost = _store_gone(err, None, stage)
+        if lost is None:
+            raise
+        raise UserError(lost) from None
+    status = "FAILED"
+    try:
         if params:
             mlflow.log_params(flatten(params))
         yield run
+        status = "FINISHED"
+    except UserError:
+        raise
+    except Exception as err:
+        lost = _store_gone(err, run.info.run_id, stage)
+        if lost is None:
+            raise
+        raise UserError(lost) from None
+    finally:
+        # A run that lost some of its logging is marked FAILED: it is not the whole record.
+        _end_run("FAILED" if run.info.run_id in _FAILED else status)
+    failed = _FAILED.get(run.info.run_id)
+    if failed is not None:
+        raise UserError(f"{failed.unlogged()}; the {stage} stage's local outputs are "
+                        "complete, and the next `dvc repro` runs it again to log it all")
+
+
+def _store_gone(err: Exception, run_id: str | None, stage: str) -> str | None:
+    """One line for an MLflow call that failed because the store went away, else None."""
+    try:
+        check_reachable(tracking_uri())
+        return None  # the store is fine: a real bug, keep its traceback
+    except UserError as gone:
+        first = _reason(err)
+        failed = _FAILED.get(run_id) if run_id else None
+        earlier = f"; before that, {failed.unlogged()}" if failed is not None else ""
+        what = f"the rest of run {run_id}" if run_id else "the whole stage"
+        return (f"{gone}; the {stage} stage stopped at an MLflow call ({first}); "
+                f"not logged: {what}{earlier}")
+
+
+def _end_run(status: str) -> None:
+    """End the active run; a store that is gone costs one quick try, not a traceback."""
+    import mlflow
+
+    try:
+        check_reachable(tracking_uri())
+        reachable = True
+    except UserError:
+        reachable = False
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    if not reachable:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        mlflow.end_run(status)
+    except Exception as err:  # noqa: BLE001 - the caller reports what was lost
+        if reachable:
+            print(f"warning: MLflow run could not be closed ({_reason(err)})")
+    finally:
+        if not reachable:
+            if saved is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an MLflow error, short: a dead server is named as such."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "API request to" in text and ("Max retries exceeded" in text or "Connection" in text):
+        return f"server {tracking_uri()} stopped answering"
+    return text[:200]
 
 
 def _run_exists(run_id: str) -> bool:
@@ -153,6 +283,11 @@ def metric_key(name: str) -> str:
 def _run_name(stage: str) -> str:
     name = os.environ.get("DVC_EXP_NAME")
     return f"{name}-{stage}" if name else stage
+
+
+# Loggers that lost something, by run id: stage_run reports them when the stage ends,
+# even after the stage's code has dropped its logger.
+_FAILED: dict[str, RunLogger] = {}
 
 
 class RunLogger:
@@ -176,7 +311,8 @@ class RunLogger:
                 fn(*args, **kwargs)
                 return
             except Exception as err:  # noqa: BLE001 - any store failure is handled the same way
-                self.error = str(err).splitlines()[0][:200]
+                self.error = _reason(err)
+                _FAILED[self.run_id] = self
                 print(f"warning: MLflow logging failed ({self.error}); "
                       "training goes on, outputs are still written locally")
         self.missed[what] += count

@@ -1,0 +1,118 @@
+"""stages/tracking.py: the store, parallel first runs, and logging that survives failures."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, env
+from servers import free_port
+
+from stages import tracking
+from stages.common import UserError
+
+# One stage's worth of MLflow work; waits for the go file so that all workers hit a fresh
+# store at the same moment, which is how `dvc queue start -j N` starts a queue.
+WORKER = """
+import sys, time
+from pathlib import Path
+from stages import tracking
+import mlflow
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
+with tracking.stage_run("imgpipe", "train", {"lr": float(sys.argv[3])}):
+    mlflow.log_metric("val_acc", 0.5)
+"""
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh sqlite store in tmp_path, found the way the stages find it (DVC_ROOT)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path / tracking.STORE_FILE
+
+
+def test_parallel_first_runs_share_a_fresh_store(store, tmp_path):
+    # Without the lock, MLflow's schema migrations race: "table _alembic_tmp_metrics
+    # already exists", "duplicate column name: step".
+    workers = []
+    for i in range(4):
+        workers.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"ready{i}"), str(tmp_path / "go"),
+             str(0.01 * (i + 1))], cwd=ROOT, env=env(DVC_ROOT=str(tmp_path)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)):
+        assert all(w.poll() is None for w in workers), [w.communicate() for w in workers]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0] * 4, "\n---\n".join(outputs)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiments = [e for e in client.search_experiments() if e.name == "imgpipe"]
+    assert len(experiments) == 1
+    runs = client.search_runs([experiments[0].experiment_id])
+    assert sorted(r.data.params["lr"] for r in runs) == ["0.01", "0.02", "0.03", "0.04"]
+    assert experiments[0].artifact_location == (tmp_path / tracking.ARTIFACTS_DIR).as_uri()
+    with sqlite3.connect(store) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_tracking_uri_is_the_store_at_the_repo_root(store, monkeypatch):
+    assert tracking.tracking_uri() == f"sqlite:///{store}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.tracking_uri() == "http://127.0.0.1:1"
+
+
+def test_check_reachable_says_what_is_wrong(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"MLflow server {dead} is unreachable"):
+        tracking.check_reachable(dead)
+    with pytest.raises(UserError, match="missing or not writable"):
+        tracking.check_reachable(f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}")
+    tracking.check_reachable(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_run_logger_counts_what_it_could_not_log(store, tmp_path):
+    tracking.connect("imgpipe")
+    log = tracking.RunLogger("0" * 32)  # no such run: every call fails in the store
+    log.metrics({"loss": 1.0, "acc": 0.5}, step=1)
+    log.series("step_loss", [1.0, 0.9, 0.8], first_step=0)
+    (tmp_path / "plot.png").write_bytes(b"png")
+    log.artifact(tmp_path / "plot.png")
+    log.tags({"a": "1"})
+    lost = log.unlogged()
+    assert lost.startswith("MLflow store failed (")
+    assert "not logged: 5 metric values, 1 artifact plot.png, 1 tags" in lost
+
+
+def test_stage_run_fails_in_one_line_when_logging_was_lost(store):
+    with pytest.raises(UserError) as err, tracking.stage_run("imgpipe", "train", {"lr": 0.1}) \
+            as run:
+        log = tracking.RunLogger(run.info.run_id)
+        log.metrics({"fine": 1.0}, step=1)
+        log.metrics({"bad*name": 1.0}, step=2)  # the store refuses it
+        log.metrics({"fine": 2.0}, step=3)  # skipped after the first failure
+    message = str(err.value)
+    assert "not logged: 2 metric values" in message and "\n" not in message
+    from mlflow import MlflowClient
+
+    kept = MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run.info.run_id)
+    assert kept.data.metrics == {"fine": 1.0}
+    assert kept.data.params == {"lr": "0.1"}
+
+
+def test_flatten_and_metric_key():
+    assert tracking.flatten({"lr": 0.1, "train": {"epochs": 3, "opt": {"name": "sgd"}}}) == {
+        "lr": 0.1, "train.epochs": 3, "train.opt.name": "sgd"}
+    assert tracking.metric_key("f1.class (1)*") == "f1.class _1__"
