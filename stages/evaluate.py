@@ -142,6 +142,8 @@ def thumbnail(path: str | None, stored: np.ndarray, meta: dict[str, Any]) -> np.
                 return np.asarray(img)
         except OSError:
             pass
+    if stored.dtype == np.uint8:  # preprocess.storage: uint8 keeps the pixels as they are
+        return stored.transpose(1, 2, 0)
     mean = np.asarray(meta["mean"])[:, None, None]
     std = np.asarray(meta["std"])[:, None, None]
     pixels = (stored.astype(np.float32) * std + mean).clip(0, 1) * 255
