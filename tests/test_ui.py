@@ -16,8 +16,10 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, dvc, git, make_repo
+from conftest import FAST_PARAMS, ROOT, dvc, git, make_repo
 from servers import MlflowServer, mlflow_ui
+
+BASE_LR = str(FAST_PARAMS["lr"])  # the built repo's lr
 
 CHROMIUM = Path(os.environ.get("IMGPIPE_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("IMGPIPE_CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -106,19 +108,21 @@ def test_ui_lists_runs_and_compares_lr(clone_built, tmp_path):
     try:
         dvc(repo, "exp", "run", "train", "-S", "lr=0.2")
         experiment_id, runs = train_runs(repo)
-        assert {r.data.params["lr"] for r in runs} == {"0.05", "0.2"}
+        assert {r.data.params["lr"] for r in runs} == {BASE_LR, "0.2"}
         ui.wait_ready()
         driver = browser(tmp_path / "profile")
         try:
             open_runs_page(driver, ui.url, experiment_id, [r.info.run_name for r in runs])
             lrs = open_compare_page(driver, ui.url, experiment_id, [r.info.run_id for r in runs])
-            assert sorted(float(v) for v in lrs) == [0.05, 0.2]
+            assert sorted(float(v) for v in lrs) == [float(BASE_LR), 0.2]
 
             # The artifacts live in <root>/mlartifacts: the UI finds them through the store.
-            first = next(r for r in runs if r.data.params["lr"] == "0.05")
+            first = next(r for r in runs if r.data.params["lr"] == BASE_LR)
             driver.get(f"{ui.url}/#/experiments/{experiment_id}/runs/{first.info.run_id}"
                        "/artifacts")
-            wait_for(driver, "the artifact eval.json", lambda d: "eval.json" in page_text(d))
+            shown = ("train.json", "evaluation", "plots")  # evaluate's files sit in folders
+            wait_for(driver, f"the artifacts {shown}",
+                     lambda d: all(name in page_text(d) for name in shown))
         finally:
             driver.quit()
     finally:
@@ -130,7 +134,8 @@ def screenshot(out: Path, lrs: tuple[str, ...] = ("0.01", "0.02", "0.1", "0.2"))
     work = Path(tempfile.mkdtemp(prefix="imgpipe-screenshot-"))
     try:
         repo = make_repo(work / "repo", images=None, params={
-            "preprocess": {"image_size": 16}, "train": {"epochs": 5, "batch_size": 64}})
+            "lr": 0.05, "preprocess": {"image_size": 16},
+            "train": {"epochs": 5, "batch_size": 64}})
         from stages.sample import write_digits
 
         write_digits(repo / "data" / "raw")
