@@ -20,7 +20,9 @@ demo: setup
 	$(BIN)/python -m stages.sample data/raw
 	test -f data/raw.dvc || $(BIN)/dvc add data/raw
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	@$(BIN)/python -c "import json; m = json.load(open('metrics/eval.json')); \
+	  print('val', ', '.join(f'{k} {v:.4f}' for k, v in m.items() if isinstance(v, float)))"
+	@echo "All metrics: $(BIN)/dvc metrics show    Plots: $(BIN)/dvc plots show"
 	@echo
 	@echo "Compare runs in the MLflow UI:  $(BIN)/mlflow ui   (then open http://127.0.0.1:5000)"
 
