@@ -305,7 +305,8 @@ class RunLogger:
         self.error: str | None = None
         self.missed: Counter = Counter()
 
-    def _call(self, what: str, count: int, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def call(self, what: str, count: int, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Run one MLflow call; after the first failure, only count `count` of `what` as missed."""
         if self.error is None:
             try:
                 fn(*args, **kwargs)
@@ -323,7 +324,7 @@ class RunLogger:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
-        self._call("metric values", len(batch), self.client.log_batch, self.run_id,
+        self.call("metric values", len(batch), self.client.log_batch, self.run_id,
                    metrics=batch)
 
     def series(self, key: str, values: list[float], first_step: int) -> None:
@@ -333,18 +334,18 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
         for start in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
-            self._call("metric values", len(batch[start:start + 1000]), self.client.log_batch,
+            self.call("metric values", len(batch[start:start + 1000]), self.client.log_batch,
                        self.run_id, metrics=batch[start:start + 1000])
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         """Upload one file into the run's artifacts."""
-        self._call(f"artifact {Path(path).name}", 1, self.client.log_artifact, self.run_id,
+        self.call(f"artifact {Path(path).name}", 1, self.client.log_artifact, self.run_id,
                    str(path), folder)
 
     def tags(self, values: dict[str, str]) -> None:
         """Set tags on the run."""
         for key, value in values.items():
-            self._call("tags", 1, self.client.set_tag, self.run_id, key, value)
+            self.call("tags", 1, self.client.set_tag, self.run_id, key, value)
 
     def unlogged(self) -> str | None:
         """One line on what never reached the store, or None if everything did."""

@@ -487,7 +487,7 @@ def log_model(log: Any, model: nn.Module, example: torch.Tensor, register_as: st
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy())
     # Explicit requirements: inferring them starts a subprocess that imports the model.
-    log._call("model", 1, mlflow.pytorch.log_model, model, name="model",
+    log.call("model", 1, mlflow.pytorch.log_model, model, name="model",
               signature=signature, input_example=example.numpy(),
               serialization_format="pt2", registered_model_name=register_as or None,
               pip_requirements=mlflow.pytorch.get_default_pip_requirements())
