@@ -59,6 +59,14 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+def cache_root() -> Path:
+    """Caches that outlive DVC's outputs: IMGPIPE_CACHE, else <repo root>/.cache/imgpipe.
+
+    Resolved through repo_root(), so `dvc exp run --queue/--temp` share the workspace's.
+    """
+    return Path(os.environ.get("IMGPIPE_CACHE") or repo_root() / ".cache" / "imgpipe")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""

@@ -33,7 +33,15 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import tracking
-from stages.common import UserError, atomic_path, cli, load_params, repo_root, write_csv, write_json
+from stages.common import (
+    UserError,
+    atomic_path,
+    cache_root,
+    cli,
+    load_params,
+    write_csv,
+    write_json,
+)
 from stages.imaging import IMAGE_EXTENSIONS, to_rgb
 
 RAW = Path("data/raw")
@@ -519,8 +527,7 @@ def read_previous_splits(val_fraction: float) -> dict[str, str]:
 
 def cache_path() -> Path:
     """The re-index cache lives outside DVC's outs, so it survives reruns."""
-    base = os.environ.get("IMGPIPE_CACHE") or repo_root() / ".cache" / "imgpipe"
-    return Path(base) / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def _cache_version(max_pixels: int) -> str:

@@ -36,7 +36,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import tracking
-from stages.common import UserError, cli, load_params, repo_root, write_json
+from stages.common import UserError, cache_root, cli, load_params, write_json
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, load_pixels
 from stages.tensors import SPLITS, split_files
 
@@ -52,11 +52,6 @@ SUMS = np.dtype("<i8")      # per-channel sum and sum of squares, stored after t
 
 
 # ---------------------------------------------------------------- the pixel cache
-
-def cache_root() -> Path:
-    """The cache folder shared by every run and experiment of this repository."""
-    return Path(os.environ.get("IMGPIPE_CACHE") or repo_root() / ".cache" / "imgpipe")
-
 
 def pixel_cache(size: int, resize: str) -> Path:
     """Cache folder for one resize setting and one version of the decoding code.

@@ -40,7 +40,15 @@ from torch import nn
 from tqdm import tqdm
 
 from stages import tracking
-from stages.common import UserError, atomic_path, cli, load_params, repo_root, write_csv, write_json
+from stages.common import (
+    UserError,
+    atomic_path,
+    cache_root,
+    cli,
+    load_params,
+    write_csv,
+    write_json,
+)
 from stages.models import amp_dtype, autocast, create_model, pick_device, predict
 from stages.tensors import SplitDataset, as_batch, read_meta, to_device
 
@@ -304,8 +312,7 @@ def fingerprint(params: dict[str, Any], meta: dict[str, Any], world: int) -> str
 
 def checkpoint_path(key: str) -> Path:
     """Where the checkpoint of fingerprint `key` lives: outside DVC's outputs (see module doc)."""
-    base = Path(os.environ.get("IMGPIPE_CACHE") or repo_root() / ".cache" / "imgpipe")
-    return base / "checkpoints" / f"train-{key}.pt"
+    return cache_root() / "checkpoints" / f"train-{key}.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
