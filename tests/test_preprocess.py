@@ -110,15 +110,21 @@ def test_dataset_normalization_uses_train_split_statistics(tmp_path, cache):
     np.testing.assert_allclose(normalised.std(axis=(0, 2, 3)), 1, atol=2e-3)
 
 
+def same_image_in_two_classes(tmp_path: Path, pixels: np.ndarray, name: str) -> list[dict]:
+    """Save one picture as a train image of class cat and of class dog; returns their rows."""
+    rows = []
+    for cls in ("cat", "dog"):
+        path = tmp_path / "raw" / cls / name
+        path.parent.mkdir(parents=True)
+        Image.fromarray(pixels).save(path)
+        rows.append(image_row(path, cls, "train"))
+    return rows
+
+
 def test_resize_squash_keeps_everything_and_crop_keeps_the_centre(tmp_path, cache):
     thirds = np.zeros((10, 30, 3), np.uint8)  # red | green | blue, 10 columns each
     thirds[:, :10, 0] = thirds[:, 10:20, 1] = thirds[:, 20:, 2] = 255
-    rows = []
-    for cls in ("cat", "dog"):
-        path = tmp_path / "raw" / cls / "thirds.png"
-        path.parent.mkdir(parents=True)
-        Image.fromarray(thirds).save(path)
-        rows.append(image_row(path, cls, "train"))
+    rows = same_image_in_two_classes(tmp_path, thirds, "thirds.png")
     build(rows, tmp_path / "squash", size=6, resize="squash", storage="uint8")
     build(rows, tmp_path / "crop", size=6, resize="crop", storage="uint8")
     squash = np.load(tmp_path / "squash" / "train_x.npy")[0].astype(int)
@@ -130,12 +136,7 @@ def test_resize_squash_keeps_everything_and_crop_keeps_the_centre(tmp_path, cach
 
 def test_downscaling_is_antialiased(tmp_path, cache):
     board = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)  # 1-pixel checks
-    rows = []
-    for cls in ("cat", "dog"):
-        path = tmp_path / "raw" / cls / "board.png"
-        path.parent.mkdir(parents=True)
-        Image.fromarray(board).save(path)
-        rows.append(image_row(path, cls, "train"))
+    rows = same_image_in_two_classes(tmp_path, board, "board.png")
     build(rows, tmp_path / "t", size=8, storage="uint8")
     pixels = np.load(tmp_path / "t" / "train_x.npy").astype(int)
     assert np.abs(pixels - 127.5).max() < 20  # averaged to grey; nearest-neighbour gives 0/255
