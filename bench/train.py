@@ -118,7 +118,7 @@ def our_setup(folder: Path, meta: dict, model_name: str, batch: int, workers: in
     os.chdir(folder)
     train_set = SplitDataset(folder / "data/tensors", "train")
     sampler = ours.make_sampler(train_set, 0, ours.Dist())
-    on_device = ours.keep_on_device("auto", device, train_set.images.nbytes)
+    on_device = ours.keep_on_device("auto", device, train_set.nbytes)
     loader = (ours.DeviceLoader(train_set, batch, sampler, device) if on_device else
               ours.make_loader(train_set, batch, workers, sampler, device))
     torch.manual_seed(0)

@@ -159,8 +159,8 @@ def gallery(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], meta
     paths = val_paths(MANIFEST, labels)
     if paths is None:
         print(f"note: {MANIFEST} does not match the val tensors; gallery shows stored pixels")
-    images = SplitDataset(TENSORS, "val").images
-    return [{"image": thumbnail(paths[i] if paths else None, np.asarray(images[i]), meta),
+    val = SplitDataset(TENSORS, "val")
+    return [{"image": thumbnail(paths[i] if paths else None, val.read(np.array([i]))[0], meta),
              "true": classes[int(labels[i])], "predicted": classes[p], "confidence": conf,
              "path": paths[i] if paths else f"val row {i}"}
             for i, p, conf in found]

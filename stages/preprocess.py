@@ -8,10 +8,15 @@ How it stays fast, incremental and small in memory:
   adding images decodes only the new ones, and a change of normalisation
   decodes nothing. The cache is capped at IMGPIPE_CACHE_GB (default 10) by
   evicting the least recently used images; clear it with `make clean-cache`.
-- Worker processes copy (or decode) each image straight into its row of a
-  pre-sized uint8 .npy file with positioned writes, then normalise it to
-  float16 chunk by chunk. Nothing is memory-mapped for writing, because mapped
-  pages count towards the resident set: peak RSS stays flat as datasets grow.
+- data/tensors/ is sharded (see stages/tensors.py) and persists across runs: a
+  shard whose content-derived name is already there is kept untouched, so adding
+  1% of images rewrites only the few shards they land in, and DVC hashes and
+  caches only those. With `normalize: dataset` every image's stored value depends
+  on the train split's statistics, so a change to the split rewrites every
+  shard; the default, `imagenet`, keeps each image's bytes its own.
+- Worker processes decode images into the cache, then assemble one shard each,
+  in memory, and write it atomically. Peak RSS is bounded by a few shards, not
+  by the size of the dataset.
 - Channel statistics are exact integer sums, so the result does not depend on
   which images came from the cache or in which order workers finished: an
   incremental build is byte-identical to a clean one.
@@ -23,7 +28,6 @@ import contextlib
 import hashlib
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,9 +40,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages import tracking
-from stages.common import UserError, cache_root, cli, load_params, write_json
+from stages.common import UserError, atomic_path, cache_root, cli, load_params, write_json
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, load_pixels
-from stages.tensors import SPLITS, split_files
+from stages.tensors import SPLITS, plan_shards
 
 MANIFEST = Path("data/manifest.csv")
 OUT = Path("data/tensors")
@@ -107,35 +111,6 @@ def evict(root: Path, cap: int) -> tuple[int, int]:
     return deleted, total
 
 
-# ---------------------------------------------------------------- pre-sized .npy files
-
-def create_npy(path: Path, dtype: np.dtype | str, shape: tuple[int, ...]) -> int:
-    """Create a zero-filled .npy file of the given shape; returns the byte offset of its data."""
-    dtype = np.dtype(dtype)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-              "shape": shape}
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)  # what np.save writes for these shapes
-        offset = f.tell()
-        f.truncate(offset + math.prod(shape) * dtype.itemsize)  # sparse until written
-    return offset
-
-
-def _write_at(path: str, offset: int, data: Any) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def _read_at(path: str, offset: int, count: int) -> np.ndarray:
-    buf = np.empty(count, dtype=np.uint8)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        if f.readinto(memoryview(buf)) != count:
-            raise OSError(f"{path} is shorter than expected")
-    return buf
-
-
 # ---------------------------------------------------------------- worker jobs
 
 _SETTINGS: dict[str, Any] = {}
@@ -145,50 +120,63 @@ def _init_worker(size: int, resize: str, cache: str) -> None:
     _SETTINGS.update(size=size, resize=resize, cache=Path(cache))
 
 
-def _fill(job: tuple[str, str, str, int, str]) -> tuple[str, str, bool, np.ndarray | None]:
-    """Worker: put one image's pixels at `offset` of `target`, from the cache or by decoding.
+def _entry(path: str, sha: str) -> tuple[bytes, bool]:
+    """One image's cache entry (pixels, then channel sums), from the cache or decoded now.
 
-    Returns (split, error, decoded, channel sums as a (3, 2) int64 array).
+    Returns (entry bytes, whether it was decoded). A decode failure is a UserError.
     """
-    path, sha, target, offset, split = job
     size, cache = _SETTINGS["size"], _SETTINGS["cache"]
-    n = 3 * size * size
     entry = cache_entry(cache, sha)
-    try:
+    with contextlib.suppress(OSError):
         data = entry.read_bytes()
-        decoded = len(data) != n + 6 * SUMS.itemsize  # a torn or foreign file is re-decoded
-        if not decoded:
+        if len(data) == 3 * size * size + 6 * SUMS.itemsize:  # a torn file is decoded again
             os.utime(entry)  # most recently used: evicted last
-    except OSError:
-        decoded = True
-    if decoded:
-        try:
-            pixels = load_pixels(path, size, _SETTINGS["resize"])
-        except Exception as err:  # noqa: BLE001 - any failure is reported with its file
-            return split, f"{path} could not be decoded ({err}): run `dvc repro` to re-index", \
-                True, None
-        flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(3, -1)
-        sums = np.stack([flat.sum(1, dtype=np.int64),
-                         (flat.astype(np.int32) ** 2).sum(1, dtype=np.int64)], axis=1)
-        data = flat.tobytes() + sums.astype(SUMS).tobytes()
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, entry)  # atomic: concurrent runs never see half an entry
-    _write_at(target, offset, memoryview(data)[:n])
-    return split, "", decoded, np.frombuffer(data, SUMS, 6, offset=n).reshape(3, 2)
+            return data, False
+    try:
+        pixels = load_pixels(path, size, _SETTINGS["resize"])
+    except Exception as err:  # noqa: BLE001 - any failure is reported with its file
+        raise UserError(f"{path} could not be decoded ({err}): run `dvc repro` to re-index"
+                        ) from None
+    flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(3, -1)
+    sums = np.stack([flat.sum(1, dtype=np.int64),
+                     (flat.astype(np.int32) ** 2).sum(1, dtype=np.int64)], axis=1)
+    data = flat.tobytes() + sums.astype(SUMS).tobytes()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, entry)  # atomic: concurrent runs never see half an entry
+    return data, True
 
 
-def _normalise(job: tuple[str, int, str, int, int, np.ndarray]) -> int:
-    """Worker: map `count` uint8 pixels to float16 through the (3, 256) table; returns images."""
-    src, src_offset, dst, dst_offset, count, table = job
+def _cache_image(job: tuple[str, str]) -> tuple[bool, np.ndarray]:
+    """Worker: make sure one image is in the pixel cache; returns (decoded, (3, 2) sums)."""
+    data, decoded = _entry(*job)
+    n = 3 * _SETTINGS["size"] ** 2
+    return decoded, np.frombuffer(data, SUMS, 6, offset=n).reshape(3, 2)
+
+
+def _write_shard(job: tuple[str, list[tuple[str, str]], np.ndarray | None]) -> tuple[int, int]:
+    """Worker: assemble one shard from the cache, normalise it, write it atomically.
+
+    `table` maps uint8 to float16 per channel (None keeps uint8). Returns
+    (rows, images decoded here: normally 0, as the first pass cached them).
+    """
+    target, rows, table = job
     size = _SETTINGS["size"]
-    block = _read_at(src, src_offset, count).reshape(-1, 3, size, size)
-    out = np.empty(block.shape, dtype=np.float16)
-    for c in range(3):  # a table lookup is 10x faster than float maths, and gives the same bits
-        out[:, c] = table[c][block[:, c]]
-    _write_at(dst, dst_offset, out.data)
-    return len(block)
+    out = np.empty((len(rows), 3, size, size), np.uint8 if table is None else np.float16)
+    decoded = 0
+    for i, (path, sha) in enumerate(rows):
+        data, was_decoded = _entry(path, sha)  # decodes only if another run evicted it
+        pixels = np.frombuffer(data, np.uint8, 3 * size * size).reshape(3, size, size)
+        if table is None:
+            out[i] = pixels
+        else:  # a table lookup is 10x faster than float maths, and gives the same bits
+            for c in range(3):
+                out[i, c] = table[c][pixels[c]]
+        decoded += was_decoded
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, out)
+    return len(rows), decoded
 
 
 @contextlib.contextmanager
@@ -235,85 +223,110 @@ def peak_rss_mb(who: int) -> float:
     return round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024), 1)  # macOS: bytes
 
 
+def digest(*parts: Any) -> str:
+    """A short sha256 of the parts, one per line: names files by what they hold."""
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def remove_stale(out: Path, keep: set[str]) -> None:
+    """Delete every file under out that meta.json no longer names (old shards, old layouts)."""
+    for path in sorted(out.rglob("*"), reverse=True):  # files before their folders
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty
+        elif path.relative_to(out).as_posix() not in keep:
+            path.unlink(missing_ok=True)
+
+
 def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, workers: int,
                out: Path, data_version: str, storage: str = "float16") -> dict[str, Any]:
-    """Build the tensor folder `out` from the manifest; returns the stats for metrics."""
+    """Bring the tensor folder `out` up to date with the manifest; returns the stats for metrics.
+
+    Shards that already exist under their digest are kept as they are; the rest
+    are written from the pixel cache, decoding only images it lacks. meta.json
+    is replaced last, so a run that stops half way leaves the old tensors valid.
+    """
     import resource
 
     started = time.perf_counter()
     classes = manifest.drop_duplicates("label").sort_values("label")["class"].tolist()
     splits = {s: manifest[manifest["split"] == s] for s in SPLITS}
     counts = {s: len(rows) for s, rows in splits.items()}
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    rows = {s: list(zip(splits[s]["path"], splits[s]["sha256"])) for s in SPLITS}
     cache = pixel_cache(size, resize)
-    per_image = 3 * size * size
-
-    # uint8 storage keeps the pixels as they are; float16 normalises them in a second pass.
-    pixel_files, offsets = {}, {}
-    for split in SPLITS:
-        pixel_files[split] = (split_files(staging, split)[0] if storage == "uint8"
-                              else staging / f".{split}_u8.npy")
-        offsets[split] = create_npy(pixel_files[split], np.uint8, (counts[split], 3, size, size))
-    jobs = ((path, sha, str(pixel_files[split]), offsets[split] + j * per_image, split)
-            for split in SPLITS
-            for j, (path, sha) in enumerate(zip(splits[split]["path"], splits[split]["sha256"])))
-
-    sums = np.zeros((3, 2), dtype=object)  # Python ints: exact, whatever the order
+    out.mkdir(parents=True, exist_ok=True)
     decoded = 0
     with worker_pool(workers, size, resize, cache) as imap:
-        with tqdm(total=len(manifest), desc="decode", unit="img") as bar:
-            for split, error, was_decoded, image_sums in imap(_fill, jobs, 8):
-                if error:
-                    raise UserError(error)
-                decoded += was_decoded
-                if split == "train":
+        def cache_images(jobs: list[tuple[str, str]], desc: str) -> np.ndarray:
+            """Put these images in the pixel cache; returns their summed channel sums."""
+            nonlocal decoded
+            sums = np.zeros((3, 2), dtype=object)  # Python ints: exact, whatever the order
+            hits = 0
+            with tqdm(total=len(jobs), desc=desc, unit="img") as bar:
+                for was_decoded, image_sums in imap(_cache_image, jobs, 8):
+                    decoded += was_decoded
+                    hits += not was_decoded
                     sums += image_sums.astype(object)
-                bar.update()
-                bar.set_postfix_str(f"{bar.n - decoded} from cache", refresh=False)
-        filled = time.perf_counter()
+                    bar.update()
+                    bar.set_postfix_str(f"{hits} from cache", refresh=False)
+            return sums
 
-        if normalize == "dataset":
-            mean, std = channel_stats(sums, counts["train"] * size * size)
+        if normalize == "dataset":  # the statistics need every train image first
+            mean, std = channel_stats(cache_images(rows["train"], "statistics"),
+                                      counts["train"] * size * size)
         else:
             mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        table = normalise_table(mean, std) if storage == "float16" else None
+        # Everything that decides a shard's bytes, besides its images, goes into its name.
+        settings = (cache.name, storage, table.tobytes().hex() if table is not None else "")
 
-        if storage == "float16":
-            table = normalise_table(mean, std)
-            step = max(1, CHUNK_BYTES // per_image) * per_image
-            norm_jobs = []
-            for split in SPLITS:
-                dst = split_files(staging, split)[0]
-                dst_offset = create_npy(dst, np.float16, (counts[split], 3, size, size))
-                total = counts[split] * per_image
-                norm_jobs += [(str(pixel_files[split]), offsets[split] + start, str(dst),
-                               dst_offset + 2 * start, min(step, total - start), table)
-                              for start in range(0, total, step)]
-            with tqdm(total=len(manifest), desc="normalise", unit="img") as bar:
-                for n in imap(_normalise, norm_jobs, 1):
-                    bar.update(n)
-            for path in pixel_files.values():
-                path.unlink()
+        files: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[str, list[tuple[str, str]], np.ndarray | None]] = []
+        for split in SPLITS:
+            shards = []
+            shas = [sha for _, sha in rows[split]]
+            for start, stop in plan_shards(shas, 3 * size * size * np.dtype(storage).itemsize):
+                name = f"{split}/{digest(*settings, *shas[start:stop])}.npy"
+                shards.append((name, stop - start))
+                if not (out / name).is_file():  # written atomically: if it is there, it is whole
+                    todo.append((str(out / name), rows[split][start:stop], table))
+            labels = splits[split]["label"].to_numpy(np.int64)
+            files[split] = {"labels": f"{split}/labels-{digest(labels.tobytes().hex())}.npy",
+                            "shards": shards}
+        done = {sha for _, sha in rows["train"]} if normalize == "dataset" else set()
+        cache_images([r for _, shard_rows, _ in todo for r in shard_rows if r[1] not in done],
+                     "decode")
+        filled = time.perf_counter()
+
+        (out / "train").mkdir(exist_ok=True)
+        (out / "val").mkdir(exist_ok=True)
+        with tqdm(total=sum(len(r) for _, r, _ in todo), desc="write", unit="img") as bar:
+            for written, late in imap(_write_shard, todo, 1):
+                decoded += late
+                bar.update(written)
     normalised = time.perf_counter()
 
     for split in SPLITS:
-        np.save(split_files(staging, split)[1], splits[split]["label"].to_numpy(np.int64))
+        with atomic_path(out / files[split]["labels"]) as tmp, open(tmp, "wb") as f:
+            np.save(f, splits[split]["label"].to_numpy(np.int64))
     meta = {"classes": classes, "image_size": size, "resize": resize, "normalize": normalize,
             "mean": mean, "std": std, "dtype": storage, "counts": counts,
-            "data_version": data_version}
-    write_json(staging / "meta.json", meta)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+            "data_version": data_version, "files": files}
+    write_json(out / "meta.json", meta)
+    remove_stale(out, {"meta.json"} | {f[0] for s in SPLITS for f in files[s]["shards"]}
+                 | {files[s]["labels"] for s in SPLITS})
 
     evicted, cache_bytes = evict(cache_root(), cache_cap_bytes())
     seconds = time.perf_counter() - started
+    total_shards = sum(len(files[s]["shards"]) for s in SPLITS)
     return {"images": len(manifest), **counts, "decoded": decoded,
             "from_cache": len(manifest) - decoded, "storage": storage,
+            "shards": total_shards, "shards_written": len(todo),
+            "shards_kept": total_shards - len(todo),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(manifest) / max(seconds, 1e-9), 1),
             "decode_seconds": round(filled - started, 3),
-            "normalise_seconds": round(normalised - filled, 3),
+            "write_seconds": round(normalised - filled, 3),
             "cache_mb": round(cache_bytes / 1e6, 1), "cache_evicted": evicted,
             "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
             "worker_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),

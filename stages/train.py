@@ -160,7 +160,7 @@ class DeviceLoader:
 
     def __init__(self, dataset: SplitDataset, batch_size: int, sampler: Any,
                  device: torch.device):
-        self.x = torch.from_numpy(np.array(dataset.images)).to(device)  # one read, then held
+        self.x = torch.from_numpy(dataset.read_all()).to(device)  # one read, then held
         self.y = torch.from_numpy(dataset.labels).to(device)
         self.batch_size, self.sampler = batch_size, sampler
 
@@ -543,7 +543,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
     train_set, val_set = SplitDataset(TENSORS, "train"), SplitDataset(TENSORS, "val")
     sampler = make_sampler(train_set, seed, shard)
     on_device = keep_on_device(p.get("data_on_device", "auto"), device,
-                               train_set.images.nbytes + val_set.images.nbytes)
+                               train_set.nbytes + val_set.nbytes)
     # Seeds the loader workers; its own generator, so loaders never draw from torch's global one.
     generator = torch.Generator().manual_seed(seed + shard.rank)
     if on_device:

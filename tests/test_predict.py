@@ -17,6 +17,7 @@ from PIL import Image
 from stages import predict
 from stages.models import create_model, load_checkpoint, pick_device
 from stages.sample import NAMES
+from stages.tensors import SplitDataset
 
 SIZE = 8
 
@@ -122,7 +123,7 @@ def test_predict_sees_val_images_exactly_as_training_did(built_repo, monkeypatch
     _, checkpoint = load_checkpoint("models/model.pt")
     manifest = pd.read_csv("data/manifest.csv", keep_default_na=False)
     val_paths = manifest.loc[manifest["split"] == "val", "path"].tolist()
-    stored = torch.from_numpy(np.load("data/tensors/val_x.npy")).float()
+    stored = torch.from_numpy(SplitDataset("data/tensors", "val").read_all()).float()
     pixels = [predict.decode(Path(p), checkpoint)[0] for p in val_paths]
     x = predict.model_input(pixels, checkpoint, torch.device("cpu"))
     assert x.shape == stored.shape and x.dtype == torch.float32

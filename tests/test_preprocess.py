@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, dvc, git, mlflow_runs
 from PIL import Image
 
+from stages import tensors
 from stages.common import UserError
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
 from stages.preprocess import cache_cap_bytes, check_params, evict, pixel_cache, preprocess
@@ -50,8 +51,14 @@ def build(rows: list[dict], out: Path, size: int = 8, resize: str = "squash",
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    """Every file of a folder, by name."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file below a folder, by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_split(folder: Path, split: str = "train") -> np.ndarray:
+    """A split's images as preprocess stored them."""
+    return SplitDataset(folder, split).read_all()
 
 
 @pytest.fixture
@@ -64,22 +71,44 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_adding_images_decodes_only_new_ones_and_matches_a_clean_build(tmp_path, cache,
                                                                        monkeypatch):
+    monkeypatch.setattr(tensors, "SHARD_BYTES", 3 * 8 * 8 * 2 * 4)  # about 4 images a shard
     rows = write_images(tmp_path / "raw", 40)
-    first = build(rows, tmp_path / "tensors", workers=2)
+    first = build(rows, tmp_path / "tensors", workers=2, normalize="imagenet")
     assert (first["decoded"], first["from_cache"]) == (40, 0)
+    assert first["shards"] == first["shards_written"] > 4
 
-    rows += write_images(tmp_path / "raw", 2, start=40)
-    again = build(rows, tmp_path / "tensors", workers=2)  # two processes: unordered results
+    rows += write_images(tmp_path / "raw", 2, start=40)  # sorts last: lands in the last shards
+    again = build(rows, tmp_path / "tensors", workers=2, normalize="imagenet")
     assert (again["decoded"], again["from_cache"]) == (2, 40)
+    assert 1 <= again["shards_written"] <= 4 and again["shards_kept"] >= first["shards"] - 4
 
     monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path / "empty-cache"))
-    clean = build(rows, tmp_path / "clean", workers=1)
+    clean = build(rows, tmp_path / "clean", workers=1, normalize="imagenet")
     assert (clean["decoded"], clean["from_cache"]) == (42, 0)
-    incremental, fresh = files(tmp_path / "tensors"), files(tmp_path / "clean")
-    assert set(incremental) == {"meta.json", "train_x.npy", "train_y.npy", "val_x.npy",
-                                "val_y.npy"}
-    for name in fresh:
-        assert incremental[name] == fresh[name], name
+    assert files(tmp_path / "tensors") == files(tmp_path / "clean")  # no stale shard left over
+    assert read_split(tmp_path / "tensors").shape == (32, 3, 8, 8)
+
+
+def test_dataset_normalization_rewrites_every_shard_and_matches_a_clean_build(tmp_path, cache,
+                                                                             monkeypatch):
+    monkeypatch.setattr(tensors, "SHARD_BYTES", 3 * 8 * 8 * 2 * 4)
+    rows = write_images(tmp_path / "raw", 24)
+    build(rows, tmp_path / "tensors", workers=2)
+    rows += write_images(tmp_path / "raw", 2, start=24)
+    again = build(rows, tmp_path / "tensors", workers=2)  # new train statistics
+    assert again["shards_written"] == again["shards"] and again["decoded"] == 2
+    build(rows, tmp_path / "clean")
+    assert files(tmp_path / "tensors") == files(tmp_path / "clean")
+
+
+def test_a_run_that_stops_half_way_leaves_the_old_tensors_readable(tmp_path, cache):
+    rows = write_images(tmp_path / "raw", 12)
+    build(rows, tmp_path / "tensors")
+    before = read_split(tmp_path / "tensors")
+    (tmp_path / "raw" / "cat" / "00000.png").write_bytes(b"not a png any more")
+    with pytest.raises(UserError, match="00000.png could not be decoded"):
+        build(rows, tmp_path / "tensors", size=6)  # new size: every shard is new, first fails
+    np.testing.assert_array_equal(read_split(tmp_path / "tensors"), before)
 
 
 def test_changing_normalization_renormalises_without_decoding(tmp_path, cache):
@@ -89,10 +118,10 @@ def test_changing_normalization_renormalises_without_decoding(tmp_path, cache):
     assert stats["decoded"] == 0 and stats["from_cache"] == 12
     meta = read_meta(tmp_path / "tensors")
     assert meta["mean"] == list(IMAGENET_MEAN) and meta["std"] == list(IMAGENET_STD)
-    pixels = np.load(tmp_path / "raw-pixels" / "train_x.npy") / 255.0
+    pixels = read_split(tmp_path / "raw-pixels") / 255.0
     expected = (pixels - np.array(IMAGENET_MEAN)[:, None, None]) / np.array(IMAGENET_STD)[:, None,
                                                                                             None]
-    stored = np.load(tmp_path / "tensors" / "train_x.npy")
+    stored = read_split(tmp_path / "tensors")
     assert stored.dtype == np.float16
     np.testing.assert_allclose(stored, expected, atol=3e-3)
 
@@ -100,12 +129,12 @@ def test_changing_normalization_renormalises_without_decoding(tmp_path, cache):
 def test_dataset_normalization_uses_train_split_statistics(tmp_path, cache):
     rows = write_images(tmp_path / "raw", 12)
     stats = build(rows, tmp_path / "u8", storage="uint8")
-    train = np.load(tmp_path / "u8" / "train_x.npy") / 255.0
+    train = read_split(tmp_path / "u8") / 255.0
     assert stats["train"] == len(train) == 9
     np.testing.assert_allclose(stats["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-12)
     np.testing.assert_allclose(stats["std"], train.std(axis=(0, 2, 3)), rtol=1e-9)
     build(rows, tmp_path / "f16")
-    normalised = np.load(tmp_path / "f16" / "train_x.npy").astype(np.float64)
+    normalised = read_split(tmp_path / "f16").astype(np.float64)
     np.testing.assert_allclose(normalised.mean(axis=(0, 2, 3)), 0, atol=2e-3)
     np.testing.assert_allclose(normalised.std(axis=(0, 2, 3)), 1, atol=2e-3)
 
@@ -127,8 +156,8 @@ def test_resize_squash_keeps_everything_and_crop_keeps_the_centre(tmp_path, cach
     rows = same_image_in_two_classes(tmp_path, thirds, "thirds.png")
     build(rows, tmp_path / "squash", size=6, resize="squash", storage="uint8")
     build(rows, tmp_path / "crop", size=6, resize="crop", storage="uint8")
-    squash = np.load(tmp_path / "squash" / "train_x.npy")[0].astype(int)
-    crop = np.load(tmp_path / "crop" / "train_x.npy")[0].astype(int)
+    squash = read_split(tmp_path / "squash")[0].astype(int)
+    crop = read_split(tmp_path / "crop")[0].astype(int)
     assert squash[0, :, 0].min() > 200 and squash[2, :, -1].min() > 200  # red left, blue right
     assert crop[1].min() > 200 and crop[0].max() < 60 and crop[2].max() < 60  # all green
     assert pixel_cache(6, "squash") != pixel_cache(6, "crop")
@@ -138,7 +167,7 @@ def test_downscaling_is_antialiased(tmp_path, cache):
     board = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)  # 1-pixel checks
     rows = same_image_in_two_classes(tmp_path, board, "board.png")
     build(rows, tmp_path / "t", size=8, storage="uint8")
-    pixels = np.load(tmp_path / "t" / "train_x.npy").astype(int)
+    pixels = read_split(tmp_path / "t").astype(int)
     assert np.abs(pixels - 127.5).max() < 20  # averaged to grey; nearest-neighbour gives 0/255
 
 
@@ -155,7 +184,7 @@ def test_uint8_and_float16_storage_give_the_same_model_input(tmp_path, cache):
         x, y = SplitDataset(tmp_path / name, "val").__getitems__([2, 0, 1])
         inputs[name] = to_device(x, torch.device("cpu"), meta)
         assert inputs[name].dtype == torch.float32
-    assert np.load(tmp_path / "u8" / "train_x.npy").dtype == np.uint8
+    assert read_split(tmp_path / "u8").dtype == np.uint8
     torch.testing.assert_close(inputs["u8"], inputs["f16"], atol=3e-3, rtol=0)
 
 
@@ -184,7 +213,7 @@ def test_cache_is_capped_by_evicting_least_recently_used(tmp_path, cache, monkey
     rows = write_images(tmp_path / "raw", 4)
     stats = build(rows, tmp_path / "t")
     assert stats["cache_mb"] == 0 and stats["cache_evicted"] == 6
-    assert build(rows, tmp_path / "t")["decoded"] == 4
+    assert build(rows, tmp_path / "t2")["decoded"] == 4
     assert not list(cache.rglob("*.u8"))
 
 
@@ -206,15 +235,17 @@ PEAK_RSS = """
 import sys
 from pathlib import Path
 import pandas as pd
+from stages import tensors
 from stages.preprocess import preprocess
+tensors.SHARD_BYTES = 1 << 20  # 10 images a shard: 400 images make many shards
 manifest = pd.read_csv(sys.argv[1], keep_default_na=False)
 print(preprocess(manifest, 128, "squash", "dataset", 1, Path(sys.argv[2]), "v")["peak_rss_mb"])
 """
 
 
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path, cache):
-    # 4x the images adds 50 MB of tensors; a version that held them in memory (or in
-    # memory-mapped pages) would show that growth in its peak RSS.
+    # 4x the images adds 30 MB of tensors; a version that held them in memory (or in
+    # memory-mapped pages) would show that growth in its peak RSS. A shard is 1 MB here.
     rows = write_images(tmp_path / "raw", 400, size=(48, 32))
     peaks = []
     for n in (100, 400):
@@ -225,7 +256,7 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path, cache):
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks.append(float(proc.stdout.split()[-1]))
-    assert sum(p.stat().st_size for p in (tmp_path / "t400").iterdir()) > 39 * 10**6
+    assert sum(p.stat().st_size for p in (tmp_path / "t400").rglob("*.npy")) > 39 * 10**6
     print("peak RSS MB for 100 and 400 images:", peaks)
     assert peaks[1] - peaks[0] < 15, peaks
 
@@ -251,7 +282,7 @@ def test_experiments_outside_the_workspace_share_the_cache(clone_built):
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "--allow-empty", "-m", "clone")
     # --temp runs in a copy under .dvc/tmp, as queued experiments do; DVC_ROOT points home.
-    dvc(repo, "exp", "run", "--temp", "preprocess", "-S", "preprocess.normalize=imagenet")
+    dvc(repo, "exp", "run", "--temp", "preprocess", "-S", "preprocess.normalize=dataset")
     run = next(r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "preprocess"
-               and r.data.params.get("preprocess.normalize") == "imagenet")
+               and r.data.params.get("preprocess.normalize") == "dataset")
     assert run.data.metrics["decoded"] == 0 and run.data.metrics["from_cache"] == 200

@@ -153,8 +153,11 @@ def test_dvc_remote_restores_a_fresh_clone(clone_built, tmp_path):
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not (clone / "data" / "raw").exists()
     dvc(clone, "pull")
+    shards = sorted(p.relative_to(repo).as_posix() for p in (repo / "data/tensors").rglob("*.npy"))
+    assert shards and shards == sorted(p.relative_to(clone).as_posix()
+                                       for p in (clone / "data/tensors").rglob("*.npy"))
     for out in ["data/manifest.csv", "data/splits.json", "data/tensors/meta.json",
-                "data/tensors/train_x.npy", "models/model.pt"]:
+                *shards, "models/model.pt"]:
         assert filecmp.cmp(clone / out, repo / out, shallow=False), out
     raw = sorted(p.relative_to(clone) for p in (clone / "data" / "raw").rglob("*.png"))
     assert raw == sorted(p.relative_to(repo) for p in (repo / "data" / "raw").rglob("*.png"))

@@ -1,7 +1,9 @@
-"""Tensor storage: the split files, SplitDataset batches, and to_device for either dtype."""
+"""Tensor storage: content-defined shards, SplitDataset batches, and to_device for either dtype."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 
 import numpy as np
@@ -9,14 +11,52 @@ import pytest
 import torch
 
 from stages.common import UserError
-from stages.tensors import SplitDataset, as_batch, read_meta, split_files, to_device
+from stages.tensors import SHARD_BYTES, SplitDataset, as_batch, plan_shards, read_meta, to_device
 
 
-def write_split(folder, dtype, n=10):
-    """A split whose image i is filled with the value i, labelled i."""
-    x_path, y_path = split_files(folder, "train")
-    np.save(x_path, np.arange(n, dtype=dtype)[:, None, None, None] * np.ones((1, 3, 2, 2), dtype))
-    np.save(y_path, np.arange(n, dtype=np.int64))
+def write_split(folder, dtype, n=10, shard_rows=(4, 3)):
+    """A train split whose image i is filled with the value i, labelled i, in shards of these
+    sizes (repeated)."""
+    images = np.arange(n, dtype=dtype)[:, None, None, None] * np.ones((1, 3, 2, 2), dtype)
+    (folder / "train").mkdir(parents=True)
+    shards, start, k = [], 0, 0
+    while start < n:
+        stop = min(n, start + shard_rows[k % len(shard_rows)])
+        name = f"train/{k}.npy"
+        np.save(folder / name, images[start:stop])
+        shards.append([name, stop - start])
+        start, k = stop, k + 1
+    np.save(folder / "train/labels.npy", np.arange(n, dtype=np.int64))
+    meta = {"image_size": 2, "dtype": np.dtype(dtype).name,
+            "files": {"train": {"labels": "train/labels.npy", "shards": shards}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def shas(seeds):
+    return [hashlib.sha256(str(s).encode()).hexdigest() for s in seeds]
+
+
+def test_shard_boundaries_move_only_where_rows_are_inserted():
+    rows = shas(range(5000))
+    before = plan_shards(rows, image_bytes=SHARD_BYTES // 50)  # about 50 rows a shard
+    assert before[0][0] == 0 and before[-1][1] == 5000
+    assert all(a[1] == b[0] for a, b in zip(before, before[1:]))  # no gaps, no overlaps
+    assert 40 < len(before) < 250 and max(b - a for a, b in before) <= 200
+    inserted = rows[:2500] + shas(range(10**6, 10**6 + 20)) + rows[2500:]
+    after = plan_shards(inserted, image_bytes=SHARD_BYTES // 50)
+    contents = {tuple(rows[a:b]) for a, b in before}
+    changed = [r for r in (tuple(inserted[a:b]) for a, b in after) if r not in contents]
+    assert 1 <= len(changed) <= 2, len(changed)  # the shard that took the 20 rows (or its split)
+    assert plan_shards(rows, 1) == plan_shards(rows, 1)  # a function of the rows alone
+
+
+def test_reads_gather_across_shards(tmp_path):
+    write_split(tmp_path, np.float16, n=10)
+    dataset = SplitDataset(tmp_path, "train")
+    assert len(dataset.paths) == 3 and dataset.nbytes == 10 * 3 * 2 * 2 * 2
+    np.testing.assert_array_equal(dataset.read(np.array([0, 3, 4, 8, 9]))[:, 0, 0, 0],
+                                  [0, 3, 4, 8, 9])
+    assert dataset.read_all()[:, 1, 1, 1].tolist() == list(range(10))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.uint8])
@@ -32,8 +72,8 @@ def test_loader_batches_keep_images_and_labels_together(tmp_path, dtype):
     assert sorted(seen) == list(range(10))
 
 
-def test_a_dataset_pickles_without_its_mapped_array(tmp_path):
-    write_split(tmp_path, np.float16, n=1000)
+def test_a_dataset_pickles_without_its_mapped_arrays(tmp_path):
+    write_split(tmp_path, np.float16, n=1000, shard_rows=(300,))
     dataset = SplitDataset(tmp_path, "train")
     assert dataset[999][1] == 999  # maps the file
     copy = pickle.loads(pickle.dumps(dataset))

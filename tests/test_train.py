@@ -280,8 +280,8 @@ def test_logged_model_predicts_like_model_pt(built_repo):
     loaded = mlflow.pytorch.load_model(logged.model_uri)
     model, _ = load_checkpoint(built_repo / "models/model.pt")
     meta = read_meta(built_repo / "data/tensors")
-    x = to_device(torch.from_numpy(SplitDataset(built_repo / "data/tensors", "val").images[:5]),
-                  torch.device("cpu"), meta)
+    val = SplitDataset(built_repo / "data/tensors", "val")
+    x = to_device(torch.from_numpy(val.read(np.arange(5))), torch.device("cpu"), meta)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
     info = mlflow.models.get_model_info(logged.model_uri)
