@@ -6,7 +6,8 @@
 On the same generated files, same batch size and DataLoader workers, it times
 (a) the classic pipeline: a Dataset that opens each JPEG with PIL and applies
     torchvision Resize, ToTensor and Normalize, and
-(b) our SplitDataset over data/tensors built by the real preprocess code,
+(b) the train stage's own loader (make_loader: SplitDataset, read through a ring of reused
+    buffers) over data/tensors built by the real preprocess code,
     each batch made float32 model input by tensors.to_device,
 at each size, alternating epochs of (a) and (b) so that both see the same load,
 and prints the median images/s and the ratio b/a (goal: >= 50 at 224 px).
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from stages.models import SmallCNN, pick_device  # noqa: E402
 from stages.preprocess import preprocess  # noqa: E402
-from stages.tensors import SplitDataset, as_batch, read_meta, to_device  # noqa: E402
+from stages.tensors import SplitDataset, read_meta, to_device  # noqa: E402
+from stages.train import make_loader  # noqa: E402
 
 CLASSES = 10
 
@@ -96,12 +98,17 @@ class JpegDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- timing
 
-def loader(dataset: object, batch_size: int, workers: int, collate: object = None
-           ) -> torch.utils.data.DataLoader:
-    """The same DataLoader settings for both pipelines."""
+def loader(dataset: object, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """(a): a shuffling DataLoader, as tutorials write it."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                       num_workers=workers, collate_fn=collate,
-                                       persistent_workers=workers > 0)
+                                       num_workers=workers, persistent_workers=workers > 0)
+
+
+def ours(folder: Path, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """(b): the train stage's own loader over data/tensors, with the same shuffling."""
+    dataset = SplitDataset(folder, "train")
+    return make_loader(dataset, batch_size, workers, torch.utils.data.RandomSampler(dataset),
+                       torch.device("cpu"))
 
 
 def epoch_rate(batches: torch.utils.data.DataLoader, meta: dict | None) -> float:
@@ -185,12 +192,11 @@ def main() -> None:
                 f"(a) PIL + torchvision, {args.workers} workers":
                     (loader(JpegDataset(manifest, size), args.batch_size, args.workers), None),
                 f"(b) tensors, {args.workers} workers":
-                    (loader(SplitDataset(out, "train"), args.batch_size, args.workers,
-                            as_batch), None),
+                    (ours(out, args.batch_size, args.workers), None),
                 "(b) tensors, main process (train.workers: 0)":
-                    (loader(SplitDataset(out, "train"), args.batch_size, 0, as_batch), None),
+                    (ours(out, args.batch_size, 0), None),
                 "(b) main process + to_device on the CPU":
-                    (loader(SplitDataset(out, "train"), args.batch_size, 0, as_batch), meta),
+                    (ours(out, args.batch_size, 0), meta),
             }
             rates: dict[str, list[float]] = {name: [] for name in pipelines}
             for _ in range(args.repeats):  # interleaved, so that all see the same load
@@ -216,8 +222,7 @@ def main() -> None:
                     out = work / f"tensors{size}"
                 else:
                     build_tensors(manifest, size, storage, args.workers, out)
-                loaders[storage] = (loader(SplitDataset(out, "train"), args.batch_size, 0,
-                                           as_batch), read_meta(out))
+                loaders[storage] = (ours(out, args.batch_size, 0), read_meta(out))
             for _ in range(args.repeats):
                 for storage, (batches, meta) in loaders.items():
                     measured["load"].setdefault(storage, []).append(epoch_rate(batches, meta))

@@ -1,4 +1,4 @@
-"""Tensor storage on disk: each split as shards of memory-mappable .npy files, plus meta.json.
+"""Tensor storage on disk: each split as shards of .npy files, plus meta.json.
 
 Layout of data/tensors/:
     meta.json                  classes, image size, resize mode, mean/std, dtype, counts,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     import torch
 
 SPLITS = ("train", "val")
-SHARD_BYTES = 16 << 20  # average shard size: small enough that adding images rewrites little,
-MAX_SHARD_FACTOR = 4    # large enough that a big split stays a few hundred files
+SHARD_BYTES = 4 << 20  # average shard size: adding images rewrites about 2 shards per place
+MAX_SHARD_FACTOR = 4   # where they land (a shard that holds a given row is ~2x the average)
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -67,11 +67,13 @@ def plan_shards(shas: list[str], image_bytes: int) -> list[tuple[int, int]]:
 
 
 class SplitDataset:
-    """A map-style Dataset over one split's memory-mapped shards, float16 or uint8.
+    """A map-style Dataset over one split's shards, float16 or uint8, read with positioned reads.
 
-    Shards open lazily in each worker. DataLoader needs only __len__ and
-    __getitem__ (and uses __getitems__ when present), so this does not subclass
-    torch's Dataset, which would import torch for preprocess.
+    Rows are read with os.preadv straight into the batch array: no file stays
+    open (a split may have thousands of shards) and nothing is memory-mapped, so
+    reading counts only the batch towards a process's memory. DataLoader needs
+    only __len__ and __getitem__ (and uses __getitems__ when present), so this
+    does not subclass torch's Dataset, which would import torch for preprocess.
     """
 
     def __init__(self, folder: str | Path, split: str):
@@ -79,34 +81,59 @@ class SplitDataset:
         meta = read_meta(folder)
         files = meta["files"][split]
         self.labels = np.load(folder / files["labels"])
-        self.paths = [folder / name for name, _ in files["shards"]]
+        self.paths = [str(folder / name) for name, _ in files["shards"]]
         self.starts = np.cumsum([0] + [rows for _, rows in files["shards"]])
         size = meta["image_size"]
         self.shape = (len(self.labels), 3, size, size)
         self.dtype = np.dtype(meta["dtype"])
-        self._shards: list[np.ndarray] | None = None
+        self.row_bytes = 3 * size * size * self.dtype.itemsize
+        self._offsets: dict[int, int] = {}  # shard -> where its data starts, after the header
 
     @property
     def nbytes(self) -> int:
         """Size of all the split's images."""
-        return math.prod(self.shape) * self.dtype.itemsize
+        return len(self) * self.row_bytes
 
-    def shards(self) -> list[np.ndarray]:
-        """The shards' arrays, memory-mapped on first use."""
-        if self._shards is None:  # opened here, not in __init__, so workers never pickle a mmap
-            self._shards = [np.load(p, mmap_mode="r") for p in self.paths]
-        return self._shards
+    def _data_offset(self, shard: int, fd: int) -> int:
+        if shard not in self._offsets:
+            with open(fd, "rb", closefd=False) as f:
+                f.seek(0)
+                read_header = (np.lib.format.read_array_header_1_0
+                               if np.lib.format.read_magic(f) == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                expected = (int(self.starts[shard + 1] - self.starts[shard]), *self.shape[1:])
+                if shape != expected or dtype != self.dtype:
+                    raise UserError(f"{self.paths[shard]} holds {dtype} {shape}, not what "
+                                    "meta.json says: run `dvc repro -f preprocess`")
+                self._offsets[shard] = f.tell()
+        return self._offsets[shard]
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """The images at ascending row numbers, gathered shard by shard into one array."""
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The images at ascending row numbers, read shard by shard into `out` (or a new array)."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
-        shard = np.searchsorted(self.starts, rows, side="right") - 1
-        cuts = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(rows)]
-        shards = self.shards()
-        for lo, hi in zip(cuts, cuts[1:]):
-            s = shard[lo]
-            np.take(shards[s], rows[lo:hi] - self.starts[s], axis=0, out=out[lo:hi], mode="clip")
+        if out is None:
+            out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
+        i = 0
+        while i < len(rows):
+            shard = int(shard_of[i])
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+            try:
+                base = self._data_offset(shard, fd)
+                while i < len(rows) and shard_of[i] == shard:
+                    j = i + 1  # a run of consecutive rows is one read
+                    while j < len(rows) and rows[j] == rows[j - 1] + 1 and shard_of[j] == shard:
+                        j += 1
+                    want = (j - i) * self.row_bytes
+                    at = base + int(rows[i] - self.starts[shard]) * self.row_bytes
+                    if os.preadv(fd, [view[i * self.row_bytes:j * self.row_bytes]], at) != want:
+                        raise UserError(f"{self.paths[shard]} is truncated: run "
+                                        "`dvc repro -f preprocess`")
+                    i = j
+            finally:
+                os.close(fd)
         return out
 
     def read_all(self) -> np.ndarray:
@@ -115,10 +142,6 @@ class SplitDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle (for spawned DataLoader workers) without the mapped arrays."""
-        return {**self.__dict__, "_shards": None}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -131,6 +154,72 @@ class SplitDataset:
 
         order = np.sort(np.asarray(indices))
         return torch.from_numpy(self.read(order)), torch.from_numpy(self.labels[order])
+
+
+class NumberedBatch(list):
+    """A batch of row numbers that knows its place in the stream, which picks its ring slot."""
+
+    number = 0
+
+
+class NumberedBatches:
+    """batch_sampler: cut a sampler's order into batches, numbered on across epochs."""
+
+    def __init__(self, sampler: Any, batch_size: int):
+        self.sampler, self.batch_size, self.count = sampler, batch_size, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Any:
+        batch = NumberedBatch()
+        for i in self.sampler:
+            batch.append(i)
+            if len(batch) == self.batch_size:
+                yield self._numbered(batch)
+                batch = NumberedBatch()
+        if batch:
+            yield self._numbered(batch)
+
+    def _numbered(self, batch: NumberedBatch) -> NumberedBatch:
+        batch.number, self.count = self.count, self.count + 1
+        return batch
+
+
+class RingDataset:
+    """SplitDataset batches read into a ring of shared-memory buffers that are reused in turn.
+
+    A fresh array per batch costs page faults on every batch (glibc maps any block
+    over 32 MB anew), and from a DataLoader worker a second copy, into new shared
+    memory, to hand it over. Here a batch is read straight into the next slot of a
+    ring allocated once, and a worker hands over only a handle to it. The catch: a
+    batch stays valid until the loader has yielded len(ring) - 1 more, so a consumer
+    must copy what it keeps (the train loop copies each batch to the device, or to
+    float32, at once). Use it with NumberedBatches as the batch_sampler, and at
+    least prefetch_factor * workers + 2 slots.
+    """
+
+    def __init__(self, dataset: SplitDataset, batch_size: int, slots: int):
+        import torch
+
+        self.dataset = dataset
+        dtype = torch.from_numpy(np.empty(0, dataset.dtype)).dtype
+        self.ring = torch.empty((slots, batch_size, *dataset.shape[1:]), dtype=dtype)
+        self.ring.share_memory_()  # before the workers start: they all write into it
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[i]
+
+    def __getitems__(self, batch: NumberedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        order = np.sort(np.asarray(batch))
+        slot = self.ring[batch.number % len(self.ring)][:len(order)]
+        self.dataset.read(order, out=slot.numpy())
+        return slot, torch.from_numpy(self.dataset.labels[order])
 
 
 def as_batch(batch: Any) -> Any:

@@ -50,7 +50,14 @@ from stages.common import (
     write_json,
 )
 from stages.models import amp_dtype, autocast, create_model, pick_device, predict
-from stages.tensors import SplitDataset, as_batch, read_meta, to_device
+from stages.tensors import (
+    NumberedBatches,
+    RingDataset,
+    SplitDataset,
+    as_batch,
+    read_meta,
+    to_device,
+)
 
 TENSORS = Path("data/tensors")
 MODEL = Path("models/model.pt")
@@ -148,11 +155,19 @@ def make_sampler(dataset: Any, seed: int, shard: Dist, shuffle: bool = True
 def make_loader(dataset: SplitDataset, batch_size: int, workers: int, sampler: Any,
                 device: torch.device, generator: torch.Generator | None = None
                 ) -> torch.utils.data.DataLoader:
-    """Stream batches from the memory-mapped tensors; pinned for fast copies to a GPU."""
+    """Stream batches from the tensor shards through a ring of reused buffers (see RingDataset).
+
+    Each batch is valid until the next few are loaded: the loops here copy it to the
+    device (pinned first, for a fast copy to a GPU) or to float32 straight away.
+    """
+    prefetch = 2 if workers > 0 else None  # DataLoader's default
+    ring = RingDataset(dataset, batch_size, slots=(prefetch or 0) * workers + 2)
+    order = sampler if sampler is not None else range(len(dataset))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=as_batch, generator=generator, worker_init_fn=seed_worker,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        ring, batch_sampler=NumberedBatches(order, batch_size), num_workers=workers,
+        prefetch_factor=prefetch, collate_fn=as_batch, generator=generator,
+        worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0)
 
 
 class DeviceLoader:

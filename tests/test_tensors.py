@@ -5,13 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from stages.common import UserError
-from stages.tensors import SHARD_BYTES, SplitDataset, as_batch, plan_shards, read_meta, to_device
+from stages.tensors import (
+    SHARD_BYTES,
+    NumberedBatches,
+    RingDataset,
+    SplitDataset,
+    as_batch,
+    plan_shards,
+    read_meta,
+    to_device,
+)
 
 
 def write_split(folder, dtype, n=10, shard_rows=(4, 3)):
@@ -72,13 +82,41 @@ def test_loader_batches_keep_images_and_labels_together(tmp_path, dtype):
     assert sorted(seen) == list(range(10))
 
 
-def test_a_dataset_pickles_without_its_mapped_arrays(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ring_batches_stay_intact_until_the_consumer_moves_on(tmp_path, workers):
+    write_split(tmp_path, np.float16, n=40)
+    dataset = SplitDataset(tmp_path, "train")
+    slots = 2 * workers + 2
+    loader = torch.utils.data.DataLoader(
+        RingDataset(dataset, 4, slots), batch_sampler=NumberedBatches(range(40), 4),
+        num_workers=workers, prefetch_factor=2 if workers else None, collate_fn=as_batch)
+    seen = []
+    for _ in range(2):  # numbering goes on across epochs
+        for x, y in loader:
+            time.sleep(0.01)  # a slow step: the workers run ahead as far as they may
+            assert torch.equal(x[:, 0, 0, 0].long(), y)  # not overwritten by a later batch
+            seen += y.tolist()
+    assert seen == list(range(40)) * 2
+
+
+def test_a_dataset_pickles_small_for_spawned_workers(tmp_path):
     write_split(tmp_path, np.float16, n=1000, shard_rows=(300,))
     dataset = SplitDataset(tmp_path, "train")
-    assert dataset[999][1] == 999  # maps the file
+    assert dataset[999][1] == 999  # reads a shard
     copy = pickle.loads(pickle.dumps(dataset))
     assert len(pickle.dumps(dataset)) < 20_000  # the labels, not the 24 KB of images
     assert torch.equal(copy[5][0], dataset[5][0])
+
+
+def test_a_damaged_shard_is_a_one_line_error(tmp_path):
+    write_split(tmp_path, np.float16, n=10)
+    shard = tmp_path / "train" / "2.npy"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(UserError, match="2.npy is truncated: run `dvc repro -f preprocess`"):
+        SplitDataset(tmp_path, "train").read_all()
+    np.save(shard, np.zeros((2, 3, 2, 2), np.float16))
+    with pytest.raises(UserError, match="not what meta.json says"):
+        SplitDataset(tmp_path, "train").read_all()
 
 
 def test_to_device_normalises_uint8_and_passes_float16_through():

@@ -177,6 +177,11 @@ def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
     _, epochs_c = run_in_process(repo, monkeypatch)
     pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_c[RESULT_COLUMNS])
     assert same_weights(weights, repo / "models/model.pt")
+    # So does loading in 2 worker processes, through the ring of shared buffers.
+    set_params(repo, train={"data_on_device": False, "workers": 2})
+    _, epochs_d = run_in_process(repo, monkeypatch)
+    pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_d[RESULT_COLUMNS])
+    assert same_weights(weights, repo / "models/model.pt")
     # The model is the epoch with the lowest val loss; the run stops once patience is spent.
     best = int(epochs_a.loc[epochs_a["val_loss"].idxmin(), "epoch"])
     assert first["best_epoch"] == best == torch.load(weights, weights_only=True)["epoch"]
