@@ -42,7 +42,7 @@ from tqdm import tqdm
 from stages import tracking
 from stages.common import UserError, atomic_path, cache_root, cli, load_params, write_json
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, load_pixels
-from stages.tensors import SPLITS, plan_shards
+from stages.tensors import SHARD_MB, SPLITS, plan_shards
 
 MANIFEST = Path("data/manifest.csv")
 OUT = Path("data/tensors")
@@ -50,9 +50,10 @@ METRICS = Path("metrics/preprocess.json")
 NORMALIZE_MODES = ("dataset", "imagenet")
 STORAGES = ("float16", "uint8")
 PIXELS_VERSION = 2          # bump when the cache entry format changes
-CHUNK_BYTES = 4 << 20       # uint8 pixels normalised per job: bounds each worker's memory
 DEFAULT_CACHE_GB = 10.0
 SUMS = np.dtype("<i8")      # per-channel sum and sum of squares, stored after the pixels
+# A shard to write: its path, its images as (path, sha256), and the float16 table (None: uint8).
+Job = tuple[str, list[tuple[str, str]], "np.ndarray | None"]
 
 
 # ---------------------------------------------------------------- the pixel cache
@@ -155,7 +156,7 @@ def _cache_image(job: tuple[str, str]) -> tuple[bool, np.ndarray]:
     return decoded, np.frombuffer(data, SUMS, 6, offset=n).reshape(3, 2)
 
 
-def _write_shard(job: tuple[str, list[tuple[str, str]], np.ndarray | None]) -> tuple[int, int]:
+def _write_shard(job: Job) -> tuple[int, int]:
     """Worker: assemble one shard from the cache, normalise it, write it atomically.
 
     `table` maps uint8 to float16 per channel (None keeps uint8). Returns
@@ -238,8 +239,31 @@ def remove_stale(out: Path, keep: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+def plan_files(out: Path, rows: dict[str, list[tuple[str, str]]],
+               splits: dict[str, pd.DataFrame], settings: tuple[str, ...],
+               table: np.ndarray | None, image_bytes: int, shard_mb: float
+               ) -> tuple[dict[str, Any], list[Job]]:
+    """Each split's shard and label file names for meta.json, and the shards not yet in out."""
+    files: dict[str, dict[str, Any]] = {}
+    todo: list[Job] = []
+    for split in SPLITS:
+        shards = []
+        shas = [sha for _, sha in rows[split]]
+        for start, stop in plan_shards(shas, image_bytes, shard_mb):
+            # Everything that decides a shard's bytes goes into its name: settings and images.
+            name = f"{split}/{digest(*settings, *shas[start:stop])}.npy"
+            shards.append((name, stop - start))
+            if not (out / name).is_file():  # written atomically: if it is there, it is whole
+                todo.append((str(out / name), rows[split][start:stop], table))
+        labels = splits[split]["label"].to_numpy(np.int64)
+        files[split] = {"labels": f"{split}/labels-{digest(labels.tobytes().hex())}.npy",
+                        "shards": shards}
+    return files, todo
+
+
 def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, workers: int,
-               out: Path, data_version: str, storage: str = "float16") -> dict[str, Any]:
+               out: Path, data_version: str, storage: str = "float16",
+               shard_mb: float = SHARD_MB) -> dict[str, Any]:
     """Bring the tensor folder `out` up to date with the manifest; returns the stats for metrics.
 
     Shards that already exist under their digest are kept as they are; the rest
@@ -277,34 +301,20 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
         else:
             mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         table = normalise_table(mean, std) if storage == "float16" else None
-        # Everything that decides a shard's bytes, besides its images, goes into its name.
         settings = (cache.name, storage, table.tobytes().hex() if table is not None else "")
 
-        files: dict[str, dict[str, Any]] = {}
-        todo: list[tuple[str, list[tuple[str, str]], np.ndarray | None]] = []
-        for split in SPLITS:
-            shards = []
-            shas = [sha for _, sha in rows[split]]
-            for start, stop in plan_shards(shas, 3 * size * size * np.dtype(storage).itemsize):
-                name = f"{split}/{digest(*settings, *shas[start:stop])}.npy"
-                shards.append((name, stop - start))
-                if not (out / name).is_file():  # written atomically: if it is there, it is whole
-                    todo.append((str(out / name), rows[split][start:stop], table))
-            labels = splits[split]["label"].to_numpy(np.int64)
-            files[split] = {"labels": f"{split}/labels-{digest(labels.tobytes().hex())}.npy",
-                            "shards": shards}
+        files, todo = plan_files(out, rows, splits, settings, table,
+                                 3 * size * size * np.dtype(storage).itemsize, shard_mb)
         done = {sha for _, sha in rows["train"]} if normalize == "dataset" else set()
         cache_images([r for _, shard_rows, _ in todo for r in shard_rows if r[1] not in done],
                      "decode")
         filled = time.perf_counter()
 
-        (out / "train").mkdir(exist_ok=True)
-        (out / "val").mkdir(exist_ok=True)
         with tqdm(total=sum(len(r) for _, r, _ in todo), desc="write", unit="img") as bar:
             for written, late in imap(_write_shard, todo, 1):
                 decoded += late
                 bar.update(written)
-    normalised = time.perf_counter()
+    wrote = time.perf_counter()
 
     for split in SPLITS:
         with atomic_path(out / files[split]["labels"]) as tmp, open(tmp, "wb") as f:
@@ -326,15 +336,16 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
             "seconds": round(seconds, 3),
             "images_per_second": round(len(manifest) / max(seconds, 1e-9), 1),
             "decode_seconds": round(filled - started, 3),
-            "write_seconds": round(normalised - filled, 3),
+            "write_seconds": round(wrote - filled, 3),
             "cache_mb": round(cache_bytes / 1e6, 1), "cache_evicted": evicted,
             "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
             "worker_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
             "mean": mean, "std": std}
 
 
-def check_params(size: int, resize: str, normalize: str, storage: str) -> None:
-    """Refuse unknown resize, normalize or storage settings in one line each."""
+def check_params(size: int, resize: str, normalize: str, storage: str,
+                 shard_mb: float = SHARD_MB) -> None:
+    """Refuse unknown resize, normalize, storage or shard settings in one line each."""
     if resize not in RESIZE_MODES:
         raise UserError(f"preprocess.resize in params.yaml is {resize!r}: use squash or crop")
     if normalize not in NORMALIZE_MODES:
@@ -343,6 +354,8 @@ def check_params(size: int, resize: str, normalize: str, storage: str) -> None:
         raise UserError(f"preprocess.storage is {storage!r}: use float16 or uint8")
     if size < 1:
         raise UserError(f"preprocess.image_size is {size}: use a positive number of pixels")
+    if not (isinstance(shard_mb, (int, float)) and shard_mb > 0):
+        raise UserError(f"preprocess.shard_mb is {shard_mb!r}: use a positive size in MB, like 4")
 
 
 @cli
@@ -351,8 +364,8 @@ def main() -> None:
     params = load_params()
     p = params["preprocess"]
     size, resize, normalize = int(p["image_size"]), p["resize"], p["normalize"]
-    storage = p.get("storage", "float16")
-    check_params(size, resize, normalize, storage)
+    storage, shard_mb = p.get("storage", "float16"), p.get("shard_mb", SHARD_MB)
+    check_params(size, resize, normalize, storage, shard_mb)
     cache_cap_bytes()  # a bad IMGPIPE_CACHE_GB fails now, not after the work
     workers = int(params.get("workers") or 0) or os.cpu_count() or 1
     try:
@@ -366,12 +379,13 @@ def main() -> None:
         import mlflow
 
         stats = preprocess(manifest, size, resize, normalize, workers, OUT, data_version,
-                           storage)
+                           storage, shard_mb)
         write_json(METRICS, stats)
         mlflow.log_metrics({k: v for k, v in stats.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
     print(f"preprocessed {stats['images']} images: {stats['from_cache']} from the cache, "
-          f"{stats['decoded']} decoded, {stats['images_per_second']:.0f} img/s, "
+          f"{stats['decoded']} decoded; wrote {stats['shards_written']} of {stats['shards']} "
+          f"shards, kept the rest; {stats['images_per_second']:.0f} img/s, "
           f"peak memory {stats['peak_rss_mb']:.0f} MB")
 
 

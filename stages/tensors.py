@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     import torch
 
 SPLITS = ("train", "val")
-SHARD_BYTES = 4 << 20  # average shard size: adding images rewrites about 2 shards per place
-MAX_SHARD_FACTOR = 4   # where they land (a shard that holds a given row is ~2x the average)
+SHARD_MB = 4.0        # default average shard size (params: preprocess.shard_mb)
+MAX_SHARD_FACTOR = 4  # no shard holds more than 4x the average
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
@@ -48,14 +48,15 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} not found: run `dvc repro preprocess` first") from None
 
 
-def plan_shards(shas: list[str], image_bytes: int) -> list[tuple[int, int]]:
-    """Cut rows into shards of about SHARD_BYTES, at boundaries chosen by the rows' own hashes.
+def plan_shards(shas: list[str], image_bytes: int, shard_mb: float = SHARD_MB
+                ) -> list[tuple[int, int]]:
+    """Cut rows into shards of about shard_mb, at boundaries chosen by the rows' own hashes.
 
     A shard ends after a row whose sha256 is 0 modulo the average row count, or
     once it holds MAX_SHARD_FACTOR times that many rows. Rows inserted anywhere
     move only the boundaries of the shard they land in. Returns (start, stop) ranges.
     """
-    average = max(1, SHARD_BYTES // max(1, image_bytes))
+    average = max(1, int(shard_mb * 2**20) // max(1, image_bytes))
     ranges, start = [], 0
     for i, sha in enumerate(shas):
         if int(sha[:15], 16) % average == 0 or i + 1 - start >= MAX_SHARD_FACTOR * average:

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, dvc, git, mlflow_runs
+from conftest import ROOT, dvc, git, mlflow_runs, set_params
 from PIL import Image
 
-from stages import tensors
 from stages.common import UserError
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
 from stages.preprocess import cache_cap_bytes, check_params, evict, pixel_cache, preprocess
@@ -44,10 +43,11 @@ def image_row(path: Path, cls: str, split: str) -> dict:
 
 
 def build(rows: list[dict], out: Path, size: int = 8, resize: str = "squash",
-          normalize: str = "dataset", workers: int = 1, storage: str = "float16") -> dict:
+          normalize: str = "dataset", workers: int = 1, storage: str = "float16",
+          shard_mb: float = 4.0) -> dict:
     """Run the stage's preprocess() on these rows, in manifest (path) order."""
     manifest = pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
-    return preprocess(manifest, size, resize, normalize, workers, out, "v1", storage)
+    return preprocess(manifest, size, resize, normalize, workers, out, "v1", storage, shard_mb)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -71,33 +71,32 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_adding_images_decodes_only_new_ones_and_matches_a_clean_build(tmp_path, cache,
                                                                        monkeypatch):
-    monkeypatch.setattr(tensors, "SHARD_BYTES", 3 * 8 * 8 * 2 * 4)  # about 4 images a shard
+    small = {"normalize": "imagenet", "shard_mb": 3 * 8 * 8 * 2 * 4 / 2**20}  # ~4 images a shard
     rows = write_images(tmp_path / "raw", 40)
-    first = build(rows, tmp_path / "tensors", workers=2, normalize="imagenet")
+    first = build(rows, tmp_path / "tensors", workers=2, **small)
     assert (first["decoded"], first["from_cache"]) == (40, 0)
     assert first["shards"] == first["shards_written"] > 4
 
     rows += write_images(tmp_path / "raw", 2, start=40)  # sorts last: lands in the last shards
-    again = build(rows, tmp_path / "tensors", workers=2, normalize="imagenet")
+    again = build(rows, tmp_path / "tensors", workers=2, **small)
     assert (again["decoded"], again["from_cache"]) == (2, 40)
     assert 1 <= again["shards_written"] <= 4 and again["shards_kept"] >= first["shards"] - 4
 
     monkeypatch.setenv("IMGPIPE_CACHE", str(tmp_path / "empty-cache"))
-    clean = build(rows, tmp_path / "clean", workers=1, normalize="imagenet")
+    clean = build(rows, tmp_path / "clean", workers=1, **small)
     assert (clean["decoded"], clean["from_cache"]) == (42, 0)
     assert files(tmp_path / "tensors") == files(tmp_path / "clean")  # no stale shard left over
     assert read_split(tmp_path / "tensors").shape == (32, 3, 8, 8)
 
 
-def test_dataset_normalization_rewrites_every_shard_and_matches_a_clean_build(tmp_path, cache,
-                                                                             monkeypatch):
-    monkeypatch.setattr(tensors, "SHARD_BYTES", 3 * 8 * 8 * 2 * 4)
+def test_dataset_normalization_rewrites_every_shard_and_matches_a_clean_build(tmp_path, cache):
+    small = 3 * 8 * 8 * 2 * 4 / 2**20
     rows = write_images(tmp_path / "raw", 24)
-    build(rows, tmp_path / "tensors", workers=2)
+    build(rows, tmp_path / "tensors", workers=2, shard_mb=small)
     rows += write_images(tmp_path / "raw", 2, start=24)
-    again = build(rows, tmp_path / "tensors", workers=2)  # new train statistics
-    assert again["shards_written"] == again["shards"] and again["decoded"] == 2
-    build(rows, tmp_path / "clean")
+    again = build(rows, tmp_path / "tensors", workers=2, shard_mb=small)  # new train statistics
+    assert again["shards_written"] == again["shards"] > 2 and again["decoded"] == 2
+    build(rows, tmp_path / "clean", shard_mb=small)
     assert files(tmp_path / "tensors") == files(tmp_path / "clean")
 
 
@@ -224,6 +223,8 @@ def test_bad_settings_are_one_line_errors(monkeypatch):
         check_params(8, "crop", "batch", "float16")
     with pytest.raises(UserError, match="float16 or uint8"):
         check_params(8, "crop", "dataset", "float32")
+    with pytest.raises(UserError, match="shard_mb is 0: use a positive size in MB"):
+        check_params(8, "crop", "dataset", "uint8", 0)
     monkeypatch.setenv("IMGPIPE_CACHE_GB", "lots")
     with pytest.raises(UserError, match="IMGPIPE_CACHE_GB"):
         cache_cap_bytes()
@@ -235,11 +236,11 @@ PEAK_RSS = """
 import sys
 from pathlib import Path
 import pandas as pd
-from stages import tensors
 from stages.preprocess import preprocess
-tensors.SHARD_BYTES = 1 << 20  # 10 images a shard: 400 images make many shards
 manifest = pd.read_csv(sys.argv[1], keep_default_na=False)
-print(preprocess(manifest, 128, "squash", "dataset", 1, Path(sys.argv[2]), "v")["peak_rss_mb"])
+# 1 MB shards hold 10 images here: 100 and 400 images both make many shards.
+print(preprocess(manifest, 128, "squash", "dataset", 1, Path(sys.argv[2]), "v", "float16",
+                 1.0)["peak_rss_mb"])
 """
 
 
@@ -268,13 +269,33 @@ def test_repro_after_adding_images_takes_the_rest_from_the_cache(clone_built):
     repo = clone_built()
     write_digits(repo / "data" / "raw", limit=203)  # rewrites the first 200 unchanged
     out = dvc(repo, "repro", "preprocess").stdout
-    assert "preprocessed 203 images: 200 from the cache, 3 decoded" in out, out
+    # All 3 new digits go to train: the val shard is kept as it was.
+    assert "preprocessed 203 images: 200 from the cache, 3 decoded; wrote 1 of 2 shards" in out, out
     metrics = json.loads((repo / "metrics/preprocess.json").read_text())
     assert (metrics["decoded"], metrics["from_cache"], metrics["images"]) == (3, 200, 203)
     assert metrics["images_per_second"] > 0
     run = next(r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "preprocess")
     assert run.data.metrics["decoded"] == 3 and run.data.metrics["from_cache"] == 200
     assert run.data.params["preprocess.storage"] == "float16"
+
+
+def test_repro_after_adding_images_rewrites_only_the_shards_they_land_in(clone_built):
+    repo = clone_built()
+    set_params(repo, preprocess={"shard_mb": 0.01})  # about 27 digits a shard at 8 px
+    dvc(repo, "repro", "preprocess")
+    before = {p.relative_to(repo): p.stat() for p in (repo / "data/tensors").rglob("*.npy")}
+    write_digits(repo / "data" / "raw", limit=203)
+    dvc(repo, "repro", "preprocess")
+    metrics = json.loads((repo / "metrics/preprocess.json").read_text())
+    assert 0 < metrics["shards_written"] < metrics["shards"] == (metrics["shards_written"]
+                                                                  + metrics["shards_kept"])
+    after = {p.relative_to(repo): p.stat() for p in (repo / "data/tensors").rglob("*.npy")}
+    kept = [p for p in after if p in before and not p.name.startswith("labels")]
+    assert len(kept) == metrics["shards_kept"]
+    for path in kept:  # left alone: DVC neither deleted them nor did the stage rewrite them
+        assert (after[path].st_ino, after[path].st_mtime_ns) == (before[path].st_ino,
+                                                                 before[path].st_mtime_ns)
+    assert len(after) == metrics["shards"] + 2  # and no stale shard is left: only 2 label files
 
 
 def test_experiments_outside_the_workspace_share_the_cache(clone_built):

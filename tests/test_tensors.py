@@ -13,7 +13,6 @@ import torch
 
 from stages.common import UserError
 from stages.tensors import (
-    SHARD_BYTES,
     NumberedBatches,
     RingDataset,
     SplitDataset,
@@ -48,12 +47,12 @@ def shas(seeds):
 
 def test_shard_boundaries_move_only_where_rows_are_inserted():
     rows = shas(range(5000))
-    before = plan_shards(rows, image_bytes=SHARD_BYTES // 50)  # about 50 rows a shard
+    before = plan_shards(rows, image_bytes=2**20 // 50, shard_mb=1)  # ~50 rows a shard
     assert before[0][0] == 0 and before[-1][1] == 5000
     assert all(a[1] == b[0] for a, b in zip(before, before[1:]))  # no gaps, no overlaps
     assert 40 < len(before) < 250 and max(b - a for a, b in before) <= 200
     inserted = rows[:2500] + shas(range(10**6, 10**6 + 20)) + rows[2500:]
-    after = plan_shards(inserted, image_bytes=SHARD_BYTES // 50)
+    after = plan_shards(inserted, image_bytes=2**20 // 50, shard_mb=1)
     contents = {tuple(rows[a:b]) for a, b in before}
     changed = [r for r in (tuple(inserted[a:b]) for a, b in after) if r not in contents]
     assert 1 <= len(changed) <= 2, len(changed)  # the shard that took the 20 rows (or its split)
