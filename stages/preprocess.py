@@ -142,10 +142,8 @@ def _entry(path: str, sha: str) -> tuple[bytes, bool]:
     sums = np.stack([flat.sum(1, dtype=np.int64),
                      (flat.astype(np.int32) ** 2).sum(1, dtype=np.int64)], axis=1)
     data = flat.tobytes() + sums.astype(SUMS).tobytes()
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, entry)  # atomic: concurrent runs never see half an entry
+    with atomic_path(entry) as tmp:  # concurrent runs never see half an entry
+        tmp.write_bytes(data)
     return data, True
 
 
@@ -240,7 +238,7 @@ def remove_stale(out: Path, keep: set[str]) -> None:
 
 
 def plan_files(out: Path, rows: dict[str, list[tuple[str, str]]],
-               splits: dict[str, pd.DataFrame], settings: tuple[str, ...],
+               labels: dict[str, np.ndarray], settings: tuple[str, ...],
                table: np.ndarray | None, image_bytes: int, shard_mb: float
                ) -> tuple[dict[str, Any], list[Job]]:
     """Each split's shard and label file names for meta.json, and the shards not yet in out."""
@@ -255,8 +253,7 @@ def plan_files(out: Path, rows: dict[str, list[tuple[str, str]]],
             shards.append((name, stop - start))
             if not (out / name).is_file():  # written atomically: if it is there, it is whole
                 todo.append((str(out / name), rows[split][start:stop], table))
-        labels = splits[split]["label"].to_numpy(np.int64)
-        files[split] = {"labels": f"{split}/labels-{digest(labels.tobytes().hex())}.npy",
+        files[split] = {"labels": f"{split}/labels-{digest(labels[split].tobytes().hex())}.npy",
                         "shards": shards}
     return files, todo
 
@@ -277,6 +274,7 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
     splits = {s: manifest[manifest["split"] == s] for s in SPLITS}
     counts = {s: len(rows) for s, rows in splits.items()}
     rows = {s: list(zip(splits[s]["path"], splits[s]["sha256"])) for s in SPLITS}
+    labels = {s: splits[s]["label"].to_numpy(np.int64) for s in SPLITS}
     cache = pixel_cache(size, resize)
     out.mkdir(parents=True, exist_ok=True)
     decoded = 0
@@ -303,7 +301,7 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
         table = normalise_table(mean, std) if storage == "float16" else None
         settings = (cache.name, storage, table.tobytes().hex() if table is not None else "")
 
-        files, todo = plan_files(out, rows, splits, settings, table,
+        files, todo = plan_files(out, rows, labels, settings, table,
                                  3 * size * size * np.dtype(storage).itemsize, shard_mb)
         done = {sha for _, sha in rows["train"]} if normalize == "dataset" else set()
         cache_images([r for _, shard_rows, _ in todo for r in shard_rows if r[1] not in done],
@@ -317,8 +315,10 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
     wrote = time.perf_counter()
 
     for split in SPLITS:
-        with atomic_path(out / files[split]["labels"]) as tmp, open(tmp, "wb") as f:
-            np.save(f, splits[split]["label"].to_numpy(np.int64))
+        path = out / files[split]["labels"]
+        if not path.is_file():  # named by its content, like the shards
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, labels[split])
     meta = {"classes": classes, "image_size": size, "resize": resize, "normalize": normalize,
             "mean": mean, "std": std, "dtype": storage, "counts": counts,
             "data_version": data_version, "files": files}

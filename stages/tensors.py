@@ -149,12 +149,17 @@ class SplitDataset:
 
         return torch.from_numpy(self.read(np.array([i]))[0]), torch.tensor(self.labels[i])
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read a whole batch with sorted, shard-wise gathers: far faster than per-item reads."""
+    def batch(self, indices: list[int], out: np.ndarray | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of these rows in ascending order; the images go into `out` if given."""
         import torch
 
         order = np.sort(np.asarray(indices))
-        return torch.from_numpy(self.read(order)), torch.from_numpy(self.labels[order])
+        return torch.from_numpy(self.read(order, out)), torch.from_numpy(self.labels[order])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read a whole batch with sorted, shard-wise reads: far faster than per-item reads."""
+        return self.batch(indices)
 
 
 class NumberedBatch(list):
@@ -215,12 +220,9 @@ class RingDataset:
         return self.dataset[i]
 
     def __getitems__(self, batch: NumberedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        order = np.sort(np.asarray(batch))
-        slot = self.ring[batch.number % len(self.ring)][:len(order)]
-        self.dataset.read(order, out=slot.numpy())
-        return slot, torch.from_numpy(self.dataset.labels[order])
+        slot = self.ring[batch.number % len(self.ring)][:len(batch)]
+        _, labels = self.dataset.batch(batch, out=slot.numpy())
+        return slot, labels  # the slot itself: its storage is shared, so workers send a handle
 
 
 def as_batch(batch: Any) -> Any:
