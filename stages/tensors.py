@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,11 +199,12 @@ class RingDataset:
     A fresh array per batch costs page faults on every batch (glibc maps any block
     over 32 MB anew), and from a DataLoader worker a second copy, into new shared
     memory, to hand it over. Here a batch is read straight into the next slot of a
-    ring allocated once, and a worker hands over only a handle to it. The catch: a
-    batch stays valid until the loader has yielded len(ring) - 1 more, so a consumer
-    must copy what it keeps (the train loop copies each batch to the device, or to
-    float32, at once). Use it with NumberedBatches as the batch_sampler, and at
-    least prefetch_factor * workers + 2 slots.
+    ring allocated once, and a worker hands over only the slot's number (see
+    RingSlot): the main process reads the slot through its own mapping of the ring.
+    The catch: a batch stays valid until the loader has yielded len(ring) - 1 more,
+    so a consumer must copy what it keeps (the train loop copies each batch to the
+    device, or to float32, at once). Use it with NumberedBatches as the
+    batch_sampler, and at least prefetch_factor * workers + 2 slots.
     """
 
     def __init__(self, dataset: SplitDataset, batch_size: int, slots: int):
@@ -212,6 +214,8 @@ class RingDataset:
         dtype = torch.from_numpy(np.empty(0, dataset.dtype)).dtype
         self.ring = torch.empty((slots, batch_size, *dataset.shape[1:]), dtype=dtype)
         self.ring.share_memory_()  # before the workers start: they all write into it
+        self.key = f"{os.getpid()}-{id(self.ring)}"
+        _RINGS[self.key] = self.ring
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -219,10 +223,39 @@ class RingDataset:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dataset[i]
 
-    def __getitems__(self, batch: NumberedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = self.ring[batch.number % len(self.ring)][:len(batch)]
+    def __getitems__(self, batch: NumberedBatch) -> tuple[Any, torch.Tensor]:
+        import torch.utils.data
+
+        number = batch.number % len(self.ring)
+        slot = self.ring[number][:len(batch)]
         _, labels = self.dataset.batch(batch, out=slot.numpy())
-        return slot, labels  # the slot itself: its storage is shared, so workers send a handle
+        if torch.utils.data.get_worker_info() is None:
+            return slot, labels
+        return RingSlot(self.key, number, len(batch)), labels
+
+
+# Each process's rings by key, so that a RingSlot from a worker unpickles into a view.
+_RINGS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+class RingSlot:
+    """What a worker sends for a batch in the ring: the slot's number, not its bytes.
+
+    It unpickles, in the main process, straight into a view of that process's own
+    mapping of the ring. Sending the tensor instead would pass a file descriptor
+    through a socket for every batch, and the main process would check and map it.
+    """
+
+    def __init__(self, key: str, number: int, rows: int):
+        self.key, self.number, self.rows = key, number, rows
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int, int]]:
+        return _ring_view, (self.key, self.number, self.rows)
+
+
+def _ring_view(key: str, number: int, rows: int) -> torch.Tensor:
+    """The first `rows` rows of slot `number` of this process's ring `key`."""
+    return _RINGS[key][number][:rows]
 
 
 def as_batch(batch: Any) -> Any:

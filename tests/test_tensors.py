@@ -86,14 +86,17 @@ def test_ring_batches_stay_intact_until_the_consumer_moves_on(tmp_path, workers)
     write_split(tmp_path, np.float16, n=40)
     dataset = SplitDataset(tmp_path, "train")
     slots = 2 * workers + 2
+    ring = RingDataset(dataset, 4, slots)
     loader = torch.utils.data.DataLoader(
-        RingDataset(dataset, 4, slots), batch_sampler=NumberedBatches(range(40), 4),
+        ring, batch_sampler=NumberedBatches(range(40), 4),
         num_workers=workers, prefetch_factor=2 if workers else None, collate_fn=as_batch)
     seen = []
     for _ in range(2):  # numbering goes on across epochs
         for x, y in loader:
             time.sleep(0.01)  # a slow step: the workers run ahead as far as they may
             assert torch.equal(x[:, 0, 0, 0].long(), y)  # not overwritten by a later batch
+            # a view of this process's own ring: workers sent a slot number, not a new mapping
+            assert x.untyped_storage().data_ptr() == ring.ring.untyped_storage().data_ptr()
             seen += y.tolist()
     assert seen == list(range(40)) * 2
 
