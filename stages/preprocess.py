@@ -121,18 +121,19 @@ def _init_worker(size: int, resize: str, cache: str) -> None:
     _SETTINGS.update(size=size, resize=resize, cache=Path(cache))
 
 
-def _entry(path: str, sha: str) -> tuple[bytes, bool]:
+def _entry(path: str, sha: str, read: bool = True) -> tuple[bytes | None, bool]:
     """One image's cache entry (pixels, then channel sums), from the cache or decoded now.
 
-    Returns (entry bytes, whether it was decoded). A decode failure is a UserError.
+    Returns (entry bytes, whether it was decoded). With read=False a cached entry
+    costs a stat, not a read, and its bytes come back as None. A decode failure
+    is a UserError.
     """
     size, cache = _SETTINGS["size"], _SETTINGS["cache"]
     entry = cache_entry(cache, sha)
-    with contextlib.suppress(OSError):
-        data = entry.read_bytes()
-        if len(data) == 3 * size * size + 6 * SUMS.itemsize:  # a torn file is decoded again
+    with contextlib.suppress(OSError):  # missing, or evicted since the stat: decoded below
+        if entry.stat().st_size == 3 * size * size + 6 * SUMS.itemsize:  # torn: decoded again
             os.utime(entry)  # most recently used: evicted last
-            return data, False
+            return (entry.read_bytes() if read else None), False
     try:
         pixels = load_pixels(path, size, _SETTINGS["resize"])
     except Exception as err:  # noqa: BLE001 - any failure is reported with its file
@@ -147,9 +148,16 @@ def _entry(path: str, sha: str) -> tuple[bytes, bool]:
     return data, True
 
 
-def _cache_image(job: tuple[str, str]) -> tuple[bool, np.ndarray]:
-    """Worker: make sure one image is in the pixel cache; returns (decoded, (3, 2) sums)."""
-    data, decoded = _entry(*job)
+def _cache_image(job: tuple[str, str, bool]) -> tuple[bool, np.ndarray | None]:
+    """Worker: make sure one image is in the pixel cache.
+
+    Returns (decoded, its (3, 2) channel sums when the job asks for them, else None):
+    an image already cached is read only for its sums.
+    """
+    path, sha, want_sums = job
+    data, decoded = _entry(path, sha, read=want_sums)
+    if not want_sums:
+        return decoded, None
     n = 3 * _SETTINGS["size"] ** 2
     return decoded, np.frombuffer(data, SUMS, 6, offset=n).reshape(3, 2)
 
@@ -279,22 +287,25 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
     out.mkdir(parents=True, exist_ok=True)
     decoded = 0
     with worker_pool(workers, size, resize, cache) as imap:
-        def cache_images(jobs: list[tuple[str, str]], desc: str) -> np.ndarray:
-            """Put these images in the pixel cache; returns their summed channel sums."""
+        def cache_images(images: list[tuple[str, str]], desc: str, want_sums: bool
+                         ) -> np.ndarray:
+            """Put these images in the pixel cache; returns their summed channel sums if wanted."""
             nonlocal decoded
             sums = np.zeros((3, 2), dtype=object)  # Python ints: exact, whatever the order
             hits = 0
+            jobs = [(path, sha, want_sums) for path, sha in images]
             with tqdm(total=len(jobs), desc=desc, unit="img") as bar:
                 for was_decoded, image_sums in imap(_cache_image, jobs, 8):
                     decoded += was_decoded
                     hits += not was_decoded
-                    sums += image_sums.astype(object)
+                    if image_sums is not None:
+                        sums += image_sums.astype(object)
                     bar.update()
                     bar.set_postfix_str(f"{hits} from cache", refresh=False)
             return sums
 
         if normalize == "dataset":  # the statistics need every train image first
-            mean, std = channel_stats(cache_images(rows["train"], "statistics"),
+            mean, std = channel_stats(cache_images(rows["train"], "statistics", True),
                                       counts["train"] * size * size)
         else:
             mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
@@ -305,7 +316,7 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
                                  3 * size * size * np.dtype(storage).itemsize, shard_mb)
         done = {sha for _, sha in rows["train"]} if normalize == "dataset" else set()
         cache_images([r for _, shard_rows, _ in todo for r in shard_rows if r[1] not in done],
-                     "decode")
+                     "decode", False)
         filled = time.perf_counter()
 
         with tqdm(total=sum(len(r) for _, r, _ in todo), desc="write", unit="img") as bar:
