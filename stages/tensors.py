@@ -214,7 +214,7 @@ class RingDataset:
         dtype = torch.from_numpy(np.empty(0, dataset.dtype)).dtype
         self.ring = torch.empty((slots, batch_size, *dataset.shape[1:]), dtype=dtype)
         self.ring.share_memory_()  # before the workers start: they all write into it
-        self.key = f"{os.getpid()}-{id(self.ring)}"
+        self.key = id(self.ring)  # only the process that made the ring looks it up
         _RINGS[self.key] = self.ring
 
     def __len__(self) -> int:
@@ -235,7 +235,7 @@ class RingDataset:
 
 
 # Each process's rings by key, so that a RingSlot from a worker unpickles into a view.
-_RINGS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_RINGS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class RingSlot:
@@ -246,14 +246,14 @@ class RingSlot:
     through a socket for every batch, and the main process would check and map it.
     """
 
-    def __init__(self, key: str, number: int, rows: int):
+    def __init__(self, key: int, number: int, rows: int):
         self.key, self.number, self.rows = key, number, rows
 
-    def __reduce__(self) -> tuple[Any, tuple[str, int, int]]:
+    def __reduce__(self) -> tuple[Any, tuple[int, int, int]]:
         return _ring_view, (self.key, self.number, self.rows)
 
 
-def _ring_view(key: str, number: int, rows: int) -> torch.Tensor:
+def _ring_view(key: int, number: int, rows: int) -> torch.Tensor:
     """The first `rows` rows of slot `number` of this process's ring `key`."""
     return _RINGS[key][number][:rows]
 

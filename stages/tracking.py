@@ -39,6 +39,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI, or None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def check_reachable(uri: str) -> None:
     """Fail fast, in one line, when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
@@ -51,16 +56,11 @@ def check_reachable(uri: str) -> None:
                 f"MLflow server {uri} is unreachable ({reason}): start it, "
                 "or unset MLFLOW_TRACKING_URI to use the local store"
             ) from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+    elif (db := sqlite_path(uri)) is not None:
+        folder = db.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise UserError(f"MLflow store folder {folder} is missing or not writable: "
                             "fix it or set MLFLOW_TRACKING_URI")
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// tracking URI, or None for any other store."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager
