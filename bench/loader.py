@@ -7,8 +7,8 @@ On the same generated files, same batch size and DataLoader workers, it times
 (a) the classic pipeline: a Dataset that opens each JPEG with PIL and applies
     torchvision Resize, ToTensor and Normalize, and
 (b) the train stage's own loader (make_loader: SplitDataset, read through a ring of reused
-    buffers) over data/tensors built by the real preprocess code,
-    each batch made float32 model input by tensors.to_device,
+    buffers) over data/tensors built by the real preprocess code, as the loader
+    yields it, and in one more row made float32 model input by tensors.to_device,
 at each size, alternating epochs of (a) and (b) so that both see the same load,
 and prints the median images/s and the ratio b/a (goal: >= 50 at 224 px).
 It then compares the two storage dtypes, float16 normalised on disk and uint8
