@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from stages.common import UserError, cli, write_csv
 from stages.imaging import IMAGE_EXTENSIONS, load_pixels
-from stages.models import autocast, load_checkpoint, pick_device
+from stages.models import MEMORY_FORMAT, autocast, load_checkpoint, pick_device
 from stages.tensors import to_device
 
 MODEL = Path("models/model.pt")
@@ -97,7 +97,8 @@ def decode(path: Path, checkpoint: dict[str, Any]) -> tuple[np.ndarray | None, s
 def model_input(pixels: list[np.ndarray], checkpoint: dict[str, Any],
                 device: torch.device) -> torch.Tensor:
     """Stack uint8 pixels into the float32 model input, normalised with the checkpoint's stats."""
-    return to_device(torch.from_numpy(np.stack(pixels)), device, checkpoint)
+    x = to_device(torch.from_numpy(np.stack(pixels)), device, checkpoint)
+    return x.contiguous(memory_format=MEMORY_FORMAT)
 
 
 # ---------------------------------------------------------------- predicting
@@ -110,7 +111,7 @@ def classify(paths: list[Path], model: torch.nn.Module, checkpoint: dict[str, An
     k = max(1, min(top_k, len(classes)))
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     decoders = decoders or min(8, os.cpu_count() or 1)
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=MEMORY_FORMAT).eval()
     with ThreadPoolExecutor(decoders) as pool:  # Pillow releases the GIL while decoding
 
         def submit(batch: list[Path]) -> list[Future]:

@@ -49,7 +49,14 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.models import amp_dtype, autocast, create_model, pick_device, predict
+from stages.models import (
+    MEMORY_FORMAT,
+    amp_dtype,
+    autocast,
+    create_model,
+    pick_device,
+    predict,
+)
 from stages.tensors import (
     NumberedBatches,
     RingDataset,
@@ -369,7 +376,6 @@ class Step:
     flip: bool = False
     translate: int = 0
     clip: float | None = None
-    memory_format: torch.memory_format = torch.contiguous_format
 
 
 @dataclass
@@ -422,7 +428,7 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
         x, y = next(batches)
         waited += time.perf_counter() - ready
         x = augment(to_device(x, s.device, s.meta), s.flip, s.translate)
-        x = x.contiguous(memory_format=s.memory_format)
+        x = x.contiguous(memory_format=MEMORY_FORMAT)
         y = y.to(s.device, non_blocking=True)
 
         s.optimizer.zero_grad(set_to_none=True)
@@ -477,8 +483,12 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.de
 # ---------------------------------------------------------------- outputs
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights, safe to keep while training goes on."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """A detached CPU copy of the weights, safe to keep while training goes on.
+
+    Stored in the plain (NCHW) layout, whatever MEMORY_FORMAT training used.
+    """
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+            for k, v in model.state_dict().items()}
 
 
 def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -504,7 +514,8 @@ def log_model(log: Any, model: nn.Module, example: torch.Tensor, register_as: st
     import mlflow
     from mlflow.models import infer_signature
 
-    model = model.eval().cpu()
+    # Plain NCHW weights: torch.export's packaging mishandles channels_last ones.
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     with torch.no_grad():
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy())
@@ -572,8 +583,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
     classes = meta["classes"]
     net = create_model(p["model"], len(classes),
                        pretrained=None if resume else p.get("pretrained")).to(device)
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
+    net = net.to(memory_format=MEMORY_FORMAT)
     if resume:
         net.load_state_dict(resume["model"])
     model: nn.Module = net
@@ -589,8 +599,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
                                   label_smoothing=float(p.get("label_smoothing") or 0.0))
     step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta,
-                bool(p.get("flip")), translate, float(p.get("clip_grad_norm") or 0) or None,
-                memory_format)
+                bool(p.get("flip")), translate, float(p.get("clip_grad_norm") or 0) or None)
     stopper = EarlyStopping(int(p.get("patience") or 0))
     history: list[dict[str, Any]] = []
     best_state, start_epoch, global_step = cpu_state(net), 0, 0
