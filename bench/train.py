@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stages import train as ours  # noqa: E402
-from stages.models import MEMORY_FORMAT, create_model, pick_device  # noqa: E402
+from stages.models import create_model, pick_device  # noqa: E402
 from stages.sample import write_digits  # noqa: E402
 from stages.tensors import SplitDataset, read_meta  # noqa: E402
 
@@ -123,7 +123,6 @@ def our_setup(folder: Path, meta: dict, model_name: str, batch: int, workers: in
               ours.make_loader(train_set, batch, workers, sampler, device))
     torch.manual_seed(0)
     model = create_model(model_name, len(meta["classes"])).to(device)
-    model = model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=ours.amp_dtype(device) == torch.float16)
@@ -150,7 +149,9 @@ def main() -> None:
         meta = read_meta(folder / "data/tensors")
         step, loader = our_setup(folder, meta, args.model, args.batch, args.workers, device)
         torch.manual_seed(0)
-        model = create_model(args.model, len(meta["classes"])).to(device)
+        # The classic loop keeps PyTorch's default layout, as tutorials do.
+        model = create_model(args.model, len(meta["classes"])).to(
+            device, memory_format=torch.contiguous_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         classic = classic_loader(folder, rows, meta, args.batch, args.workers, device)
 

@@ -56,7 +56,10 @@ def available_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int, pretrained: str | Path | None = None) -> nn.Module:
-    """Build a model by name with a head of num_classes outputs, optionally from local weights."""
+    """Build a model by name with a head of num_classes outputs, optionally from local weights.
+
+    Its weights are in MEMORY_FORMAT; moving it to a device keeps that layout.
+    """
     if name == DEFAULT_MODEL:
         model: nn.Module = SmallCNN(num_classes)
     else:
@@ -70,7 +73,7 @@ def create_model(name: str, num_classes: int, pretrained: str | Path | None = No
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if pretrained:
         load_pretrained(model, pretrained)
-    return model
+    return model.to(memory_format=MEMORY_FORMAT)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -166,7 +169,7 @@ def predict(model: nn.Module, loader: Any, device: torch.device, meta: dict[str,
     """Run model over a loader of (images, labels); returns float32 logits and labels on the CPU."""
     from stages.tensors import to_device
 
-    model = model.to(memory_format=MEMORY_FORMAT).eval()
+    model.eval()
     logits, labels = [], []
     for x, y in loader:
         x = to_device(x, device, meta).contiguous(memory_format=MEMORY_FORMAT)

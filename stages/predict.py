@@ -111,7 +111,7 @@ def classify(paths: list[Path], model: torch.nn.Module, checkpoint: dict[str, An
     k = max(1, min(top_k, len(classes)))
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     decoders = decoders or min(8, os.cpu_count() or 1)
-    model = model.to(device, memory_format=MEMORY_FORMAT).eval()
+    model = model.to(device).eval()
     with ThreadPoolExecutor(decoders) as pool:  # Pillow releases the GIL while decoding
 
         def submit(batch: list[Path]) -> list[Future]:

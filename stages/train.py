@@ -583,7 +583,6 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
     classes = meta["classes"]
     net = create_model(p["model"], len(classes),
                        pretrained=None if resume else p.get("pretrained")).to(device)
-    net = net.to(memory_format=MEMORY_FORMAT)
     if resume:
         net.load_state_dict(resume["model"])
     model: nn.Module = net

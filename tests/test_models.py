@@ -15,6 +15,12 @@ def test_models_by_name_have_a_head_per_class():
     assert create_model("resnet18", 5).eval()(x).shape == (2, 5)
 
 
+def test_models_come_in_channels_last_and_keep_it_on_a_device():
+    model = create_model("smallcnn", 3).to(torch.device("cpu"))
+    conv = model.features[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
 def test_unknown_model_is_a_one_line_error():
     with pytest.raises(UserError, match="unknown model 'resnet19'.*did you mean"):
         create_model("resnet19", 3)

@@ -184,7 +184,10 @@ def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
     assert same_weights(weights, repo / "models/model.pt")
     # The model is the epoch with the lowest val loss; the run stops once patience is spent.
     best = int(epochs_a.loc[epochs_a["val_loss"].idxmin(), "epoch"])
-    assert first["best_epoch"] == best == torch.load(weights, weights_only=True)["epoch"]
+    saved = torch.load(weights, weights_only=True)
+    assert first["best_epoch"] == best == saved["epoch"]
+    # Trained in channels_last, saved in the plain layout that any loader expects.
+    assert all(t.is_contiguous() for t in saved["state_dict"].values())
     assert len(epochs_a) <= best + 1
     assert checkpoints(repo) == []  # a finished run leaves nothing to resume
 
