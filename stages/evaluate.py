@@ -1,5 +1,8 @@
 """Evaluate stage: score the held-out split, draw it, and log it into the training run.
 
+It also logs the servable model (stages/serving.py) into the training run: pictures in,
+classes out, with one of the val images as its input example.
+
 Outputs:
     metrics/eval.json       accuracy, top-k accuracy, macro/weighted F1, loss, and per class
                             precision, recall, F1 and support (a DVC metrics file)
@@ -19,7 +22,7 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 
-from stages import plots, tracking
+from stages import plots, serving, tracking
 from stages.common import UserError, cli, load_params, write_csv, write_json
 from stages.models import load_checkpoint, pick_device, predict
 from stages.tensors import SplitDataset, as_batch, read_meta
@@ -151,14 +154,11 @@ def thumbnail(path: str | None, stored: np.ndarray, meta: dict[str, Any]) -> np.
 
 
 def gallery(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], meta: dict[str, Any],
-            count: int) -> list[dict[str, Any]]:
-    """Thumbnails and captions of the `count` most confident mistakes."""
+            count: int, paths: list[str] | None) -> list[dict[str, Any]]:
+    """Thumbnails and captions of the `count` most confident mistakes (paths: val_paths)."""
     found = confident_mistakes(logits, labels, count)
     if not found:
         return []
-    paths = val_paths(MANIFEST, labels)
-    if paths is None:
-        print(f"note: {MANIFEST} does not match the val tensors; gallery shows stored pixels")
     val = SplitDataset(TENSORS, "val")
     return [{"image": thumbnail(paths[i] if paths else None, val.read(np.array([i]))[0], meta),
              "true": classes[int(labels[i])], "predicted": classes[p], "confidence": conf,
@@ -229,15 +229,22 @@ def main() -> None:
                                        "predicted": names[logits.argmax(1).numpy()].to_numpy()}))
     write_csv(PER_CLASS, pd.DataFrame([{"class": c, **s}
                                        for c, s in result["per_class"].items()]))
-    pngs = draw(result, matrix, classes, gallery(logits, labels, classes, meta, gallery_size),
-                PLOTS)
+    paths = val_paths(MANIFEST, labels)
+    if paths is None:
+        print(f"note: {MANIFEST} does not match the val tensors; gallery shows stored pixels")
+    pngs = draw(result, matrix, classes,
+                gallery(logits, labels, classes, meta, gallery_size, paths), PLOTS)
     report = summary(result, matrix, classes)
+    example = serving.example_image(paths[0] if paths else None,
+                                    thumbnail(None, val.read(np.array([0]))[0], meta))
 
     experiment = params.get("mlflow", {}).get("experiment", "imgpipe")
     with tracking.stage_run(experiment, "evaluate", {}, meta["data_version"],
                             run_id=checkpoint.get("run_id")) as run:
         log = tracking.RunLogger(run.info.run_id)
         log_run(log, result, report, pngs)
+        serving.log_model(log, MODEL, example, max(1, min(top_k, len(classes))),
+                          params["train"].get("register_as"))
     if log.unlogged():
         print(f"warning: {log.unlogged()}")
     print(report)

@@ -19,6 +19,7 @@ Mode conversions, all ending in 8-bit RGB:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -55,9 +56,21 @@ def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
     raise ValueError(f"unknown resize mode {mode!r}: use one of {RESIZE_MODES}")
 
 
-def load_pixels(path: str | Path, size: int, mode: str) -> np.ndarray:
-    """Decode one image file into a (3, size, size) uint8 array."""
+class TooManyPixels(ValueError):
+    """The image's header declares more pixels than the limit: a possible decompression bomb."""
+
+
+def load_pixels(path: str | Path | BinaryIO, size: int, mode: str,
+                max_pixels: int | None = None) -> np.ndarray:
+    """Decode one image (a file, or an open binary file) into a (3, size, size) uint8 array.
+
+    With max_pixels, an image whose header declares more pixels is refused before it is
+    decoded (TooManyPixels); Pillow alone only warns below twice its own limit.
+    """
     with Image.open(path) as img:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise TooManyPixels(f"too many pixels: {img.width}x{img.height} is more than "
+                                f"{max_pixels} (a possible decompression bomb)")
         # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; never below the target size.
         img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)

@@ -13,6 +13,7 @@ their reason and the rest still run; the exit code is 1 only if nothing could be
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from stages.common import UserError, cli, write_csv
-from stages.imaging import IMAGE_EXTENSIONS, load_pixels
+from stages.imaging import IMAGE_EXTENSIONS, TooManyPixels, load_pixels
 from stages.models import MEMORY_FORMAT, autocast, load_checkpoint, pick_device
 from stages.tensors import to_device
 
@@ -80,13 +81,23 @@ def images_below(folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- from file to model input
 
-def decode(path: Path, checkpoint: dict[str, Any]) -> tuple[np.ndarray | None, str]:
-    """The image's (3, S, S) uint8 pixels as training decoded them, or None and the reason."""
-    try:
-        return load_pixels(path, int(checkpoint["image_size"]), checkpoint["resize"]), ""
-    except Exception as err:  # noqa: BLE001 - any failure is reported for its file, not fatal
-        from PIL import UnidentifiedImageError
+def decode(source: Path | bytes, checkpoint: dict[str, Any]) -> tuple[np.ndarray | None, str]:
+    """An image file's (or its bytes') (3, S, S) uint8 pixels as training decoded them.
 
+    Returns None and the reason when it cannot be read; images over Pillow's pixel
+    limit are refused from their header, before anything is decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        return load_pixels(file, int(checkpoint["image_size"]), checkpoint["resize"],
+                           max_pixels=Image.MAX_IMAGE_PIXELS), ""
+    except Exception as err:  # noqa: BLE001 - any failure is reported for its file, not fatal
+        if isinstance(err, TooManyPixels):
+            return None, str(err)
+        if isinstance(err, Image.DecompressionBombError):
+            return None, f"too many pixels (a possible decompression bomb): {err}"
         if isinstance(err, UnidentifiedImageError):
             return None, "not an image Pillow can read (corrupt or unsupported format)"
         if isinstance(err, OSError) and err.strerror:
@@ -103,22 +114,25 @@ def model_input(pixels: list[np.ndarray], checkpoint: dict[str, Any],
 
 # ---------------------------------------------------------------- predicting
 
-def classify(paths: list[Path], model: torch.nn.Module, checkpoint: dict[str, Any],
-             device: torch.device, batch_size: int = 64, top_k: int = 1,
-             decoders: int | None = None) -> Iterator[Prediction]:
-    """Predict every path in batches, in order; decoding of the next batch overlaps the model."""
+def scores(sources: list[Path | bytes], model: torch.nn.Module, checkpoint: dict[str, Any],
+           device: torch.device, batch_size: int = 64, top_k: int = 1,
+           decoders: int | None = None) -> Iterator[tuple[list[tuple[str, float]], str]]:
+    """Each source's top classes best first (or [] and why it could not be read), in order.
+
+    Sources are image files or their bytes; decoding the next batch overlaps the model.
+    """
     classes = checkpoint["classes"]
     k = max(1, min(top_k, len(classes)))
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
     decoders = decoders or min(8, os.cpu_count() or 1)
     model = model.to(device).eval()
     with ThreadPoolExecutor(decoders) as pool:  # Pillow releases the GIL while decoding
 
-        def submit(batch: list[Path]) -> list[Future]:
-            return [pool.submit(decode, p, checkpoint) for p in batch]
+        def submit(batch: list[Path | bytes]) -> list[Future]:
+            return [pool.submit(decode, source, checkpoint) for source in batch]
 
         pending = submit(batches[0]) if batches else []
-        for i, batch in enumerate(batches):
+        for i in range(len(batches)):
             decoded = [f.result() for f in pending]
             pending = submit(batches[i + 1]) if i + 1 < len(batches) else []
             good = [j for j, (pixels, _) in enumerate(decoded) if pixels is not None]
@@ -130,8 +144,17 @@ def classify(paths: list[Path], model: torch.nn.Module, checkpoint: dict[str, An
                 probs, ids = torch.softmax(logits.float(), 1).topk(k, 1)
                 for j, p_row, id_row in zip(good, probs.cpu().tolist(), ids.cpu().tolist()):
                     tops[j] = [(classes[c], p) for c, p in zip(id_row, p_row)]
-            for j, path in enumerate(batch):
-                yield Prediction(str(path), tops.get(j, []), decoded[j][1])
+            for j, (_, error) in enumerate(decoded):
+                yield tops.get(j, []), error
+
+
+def classify(paths: list[Path], model: torch.nn.Module, checkpoint: dict[str, Any],
+             device: torch.device, batch_size: int = 64, top_k: int = 1,
+             decoders: int | None = None) -> Iterator[Prediction]:
+    """Predict every path in batches, in order (see `scores`)."""
+    found = scores(paths, model, checkpoint, device, batch_size, top_k, decoders)
+    for path, (top, error) in zip(paths, found):
+        yield Prediction(str(path), top, error)
 
 
 def format_line(pred: Prediction) -> str:

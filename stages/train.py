@@ -503,29 +503,6 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
         torch.save(checkpoint, tmp)
 
 
-def log_model(log: Any, model: nn.Module, example: torch.Tensor, register_as: str | None
-              ) -> None:
-    """Log the model to MLflow as a torch.export (pt2) program with signature and input example.
-
-    pt2 is MLflow's safe default: it loads without unpickling code, while a
-    pickled model only loads where stages/ is importable and
-    MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set.
-    """
-    import mlflow
-    from mlflow.models import infer_signature
-
-    # Plain NCHW weights: torch.export's packaging mishandles channels_last ones.
-    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-    with torch.no_grad():
-        output = model(example)
-    signature = infer_signature(example.numpy(), output.numpy())
-    # Explicit requirements: inferring them starts a subprocess that imports the model.
-    log.call("model", 1, mlflow.pytorch.log_model, model, name="model",
-              signature=signature, input_example=example.numpy(),
-              serialization_format="pt2", registered_model_name=register_as or None,
-              pip_requirements=mlflow.pytorch.get_default_pip_requirements())
-
-
 # ---------------------------------------------------------------- the stage
 
 def check_params(p: dict[str, Any], meta: dict[str, Any], world: int) -> None:
@@ -672,13 +649,13 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
                   f"keeping epoch {stopper.best_epoch}")
     if not shard.main:
         return None
-    return finish(params, meta, run, log, net, best_state, stopper, history,
-                  checkpoint_path(key), device, val_loader, time.perf_counter() - started)
+    return finish(params, meta, run, log, best_state, stopper, history, checkpoint_path(key),
+                  device, time.perf_counter() - started)
 
 
-def finish(params: dict[str, Any], meta: dict[str, Any], run: Any, log: Any, net: nn.Module,
+def finish(params: dict[str, Any], meta: dict[str, Any], run: Any, log: Any,
            best_state: dict[str, torch.Tensor], stopper: EarlyStopping,
-           history: list[dict[str, Any]], ckpt: Path, device: torch.device, val_loader: Any,
+           history: list[dict[str, Any]], ckpt: Path, device: torch.device,
            seconds: float) -> dict[str, Any]:
     """Write the best epoch's model and the metrics locally first, then log them to MLflow."""
     p = params["train"]
@@ -701,12 +678,7 @@ def finish(params: dict[str, Any], meta: dict[str, Any], run: Any, log: Any, net
                  "best_val_acc": best["val_acc"]})
     for path in (METRICS, EPOCHS_LOG):
         log.artifact(path)
-    net.load_state_dict(best_state)
-    example = next(iter(val_loader))[0][:2] if len(val_loader) else None
-    if example is not None:
-        log_model(log, net, to_device(example.cpu(), torch.device("cpu"), meta),
-                  p.get("register_as"))
-    if log.unlogged():
+    if log.unlogged():  # the servable model is logged by the evaluate stage, once it is scored
         print(f"warning: {log.unlogged()}")
     return summary
 

@@ -141,7 +141,9 @@ def test_gallery_shows_val_images_with_their_true_class(built_repo, monkeypatch)
     loader = torch.utils.data.DataLoader(SplitDataset(evaluate.TENSORS, "val"), batch_size=64,
                                          collate_fn=as_batch)
     logits, labels = predict(model, loader, pick_device(), meta)
-    items = evaluate.gallery(logits, labels, checkpoint["classes"], meta, 4)
+    paths = evaluate.val_paths(evaluate.MANIFEST, labels)
+    assert paths is not None
+    items = evaluate.gallery(logits, labels, checkpoint["classes"], meta, 4, paths)
     assert 0 < len(items) <= 4
     for item in items:
         assert item["path"].split("/")[-2] == item["true"] != item["predicted"]

@@ -165,26 +165,3 @@ def test_unseen_digits_are_classified_at_the_models_accuracy(clone_built, tmp_pa
     assert val_acc > 0.8, "the tiny model should learn the digits in 8 epochs"
     assert accuracy > val_acc - 0.15, (accuracy, val_acc)
     assert len(proc.stdout.strip().splitlines()) == 100
-
-
-def test_mlflow_pyfunc_model_predicts_the_same_classes(built_repo):
-    """The model logged in the training run serves through mlflow.pyfunc like predict does."""
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{built_repo / 'mlflow.db'}")
-    model, checkpoint = load_checkpoint(built_repo / "models/model.pt")
-    run = mlflow.get_run(checkpoint["run_id"])
-    (logged,) = [m for m in mlflow.search_logged_models([run.info.experiment_id],
-                                                        output_format="list")
-                 if m.source_run_id == run.info.run_id]
-    pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
-
-    manifest = pd.read_csv(built_repo / "data/manifest.csv")
-    paths = [built_repo / p for p in manifest[manifest["split"] == "val"]["path"][:7]]
-    expected = [p.top[0][0] for p in predict.classify(paths, model, checkpoint,
-                                                       torch.device("cpu"))]
-    pixels = [predict.decode(p, checkpoint)[0] for p in paths]
-    x = predict.model_input(pixels, checkpoint, torch.device("cpu")).numpy()
-    scores = np.asarray(pyfunc.predict(x))  # 7 images: not the input example's batch size
-    assert scores.shape == (7, len(checkpoint["classes"]))
-    assert [checkpoint["classes"][i] for i in scores.argmax(1)] == expected

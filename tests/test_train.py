@@ -21,7 +21,7 @@ from conftest import BIN, dvc, env, mlflow_runs, set_params
 from stages import train as stage
 from stages.common import UserError
 from stages.models import load_checkpoint
-from stages.tensors import SplitDataset, read_meta, to_device
+from stages.tensors import read_meta
 
 RESULT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
@@ -273,33 +273,24 @@ def test_checkpoint_of_other_params_is_not_resumed(clone_built, monkeypatch, cap
 
 # ---------------------------------------------------------------- MLflow and scale-out
 
-def test_logged_model_predicts_like_model_pt(built_repo):
+def test_training_run_logs_every_curve(built_repo):
     import mlflow
 
     (run,) = train_runs(built_repo)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{built_repo / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{built_repo / 'mlflow.db'}")
     for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "epoch_seconds",
                 "images_per_second", "step_loss"):
         assert client.get_metric_history(run.info.run_id, key), key
+    # The servable model is logged into this run by evaluate (tests/test_serving.py).
     (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                             output_format="list")
     assert logged.source_run_id == run.info.run_id
-    loaded = mlflow.pytorch.load_model(logged.model_uri)
-    model, _ = load_checkpoint(built_repo / "models/model.pt")
-    meta = read_meta(built_repo / "data/tensors")
-    val = SplitDataset(built_repo / "data/tensors", "val")
-    x = to_device(torch.from_numpy(val.read(np.arange(5))), torch.device("cpu"), meta)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
-    info = mlflow.models.get_model_info(logged.model_uri)
-    assert info.signature is not None and info.saved_input_example_info is not None
 
 
 def test_ddp_on_two_cpu_processes_makes_one_model_and_one_run(clone_built):
     repo = clone_built()
     before = len(train_runs(repo))
-    set_params(repo, train={"gpus": 2, "register_as": "digits"})
+    set_params(repo, train={"gpus": 2})
     proc = dvc(repo, "repro", "train", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
                MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1")
     assert "relaunching under torchrun" in proc.stdout and "x 2 processes" in proc.stdout
@@ -310,8 +301,3 @@ def test_ddp_on_two_cpu_processes_makes_one_model_and_one_run(clone_built):
     new = runs[0]
     assert new.info.status == "FINISHED" and math.isfinite(new.data.metrics["val_loss"])
     assert any(k.startswith("system/") for k in new.data.metrics)  # system metrics are on
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    (version,) = client.search_model_versions("name='digits'")
-    assert version.run_id == new.info.run_id
