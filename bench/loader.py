@@ -37,10 +37,10 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from stages.loaders import make_loader  # noqa: E402
 from stages.models import SmallCNN, pick_device  # noqa: E402
 from stages.preprocess import preprocess  # noqa: E402
 from stages.tensors import SplitDataset, read_meta, to_device  # noqa: E402
-from stages.train import make_loader  # noqa: E402
 
 CLASSES = 10
 

@@ -34,6 +34,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages import loaders  # noqa: E402
 from stages import train as ours  # noqa: E402
 from stages.models import create_model, pick_device  # noqa: E402
 from stages.sample import write_digits  # noqa: E402
@@ -117,10 +118,10 @@ def our_setup(folder: Path, meta: dict, model_name: str, batch: int, workers: in
     """Our loop exactly as the train stage builds it (minus MLflow)."""
     os.chdir(folder)
     train_set = SplitDataset(folder / "data/tensors", "train")
-    sampler = ours.make_sampler(train_set, 0, ours.Dist())
-    on_device = ours.keep_on_device("auto", device, train_set.nbytes)
-    loader = (ours.DeviceLoader(train_set, batch, sampler, device) if on_device else
-              ours.make_loader(train_set, batch, workers, sampler, device))
+    sampler = loaders.make_sampler(train_set, 0)
+    on_device = loaders.keep_on_device("auto", device, train_set.nbytes)
+    loader = (loaders.DeviceLoader(train_set, batch, sampler, device) if on_device else
+              loaders.make_loader(train_set, batch, workers, sampler, device))
     torch.manual_seed(0)
     model = create_model(model_name, len(meta["classes"])).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
