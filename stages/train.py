@@ -50,7 +50,15 @@ from stages.common import (
     write_csv,
     write_json,
 )
-from stages.loaders import DeviceLoader, augment, keep_on_device, make_loader, make_sampler
+from stages.loaders import (
+    DeviceLoader,
+    augment,
+    keep_on_device,
+    loader_workers,
+    make_loader,
+    make_sampler,
+    parse_workers,
+)
 from stages.models import (
     MEMORY_FORMAT,
     amp_dtype,
@@ -80,6 +88,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes of the job on this machine
 
     @property
     def main(self) -> bool:
@@ -105,7 +114,8 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world, local_rank)
+    return Dist(dist.get_rank(), world, local_rank,
+                int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 def seed_everything(seed: int) -> None:
@@ -449,6 +459,7 @@ def check_params(p: dict[str, Any], meta: dict[str, Any], world: int) -> None:
     if p.get("data_on_device", "auto") not in ("auto", True, False, "true", "false"):
         raise UserError(f"train.data_on_device is {p['data_on_device']!r}: "
                         "use auto, true or false")
+    parse_workers(p.get("workers", "auto"))
 
 
 def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
@@ -473,13 +484,17 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
                                train_set.nbytes + val_set.nbytes)
     # Seeds the loader workers; its own generator, so loaders never draw from torch's global one.
     generator = torch.Generator().manual_seed(seed + shard.rank)
-    if on_device:
+    if on_device:  # no workers: a batch is an index lookup on the device
         train_loader: Any = DeviceLoader(train_set, batch_size, sampler, device)
         val_loader: Any = DeviceLoader(val_set, batch_size, range(len(val_set)), device)
+        feed = "data on the device"
     else:
-        workers = int(p.get("workers") or 0)
+        setting = p.get("workers", "auto")
+        workers = loader_workers(setting, device, shard.local_world)
         train_loader = make_loader(train_set, batch_size, workers, sampler, device, generator)
         val_loader = make_loader(val_set, batch_size, 0, None, device, torch.Generator())
+        feed = (f"data streamed, {workers} worker{'' if workers == 1 else 's'}"
+                f"{' (auto)' if parse_workers(setting) is None else ''}")
 
     classes = meta["classes"]
     net = create_model(p["model"], len(classes),
@@ -519,7 +534,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
         print(f"{where}: {p['model']} on {device}"
               f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
               f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
-              f"{epochs} epochs, data {'on the device' if on_device else 'streamed'}", flush=True)
+              f"{epochs} epochs, {feed}", flush=True)
 
     started = time.perf_counter()
     for epoch in range(start_epoch + 1, epochs + 1):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stages import loaders
+from stages.common import UserError
 
 # ---------------------------------------------------------------- augmentation
 
@@ -41,3 +43,29 @@ def test_translate_shifts_each_image_within_bounds():
         assert len(found) == 1
         shifts.add(found[0])
     assert len(shifts) > 5  # drawn per image, not once per batch
+
+
+# ---------------------------------------------------------------- workers
+
+def test_auto_workers_follow_the_device_and_the_cores():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device name needs no GPU
+    assert loaders.loader_workers("auto", cpu, cores=64) == 0  # the main process is fastest
+    assert loaders.loader_workers("auto", cuda, cores=16) == 4  # the H200 box of issue 13
+    assert loaders.loader_workers("auto", cuda, cores=6) == 1
+    assert loaders.loader_workers("auto", cuda, cores=2) == 1  # always at least one
+    assert loaders.loader_workers("auto", cuda, cores=128) == loaders.MAX_AUTO_WORKERS == 8
+    # DDP processes on one machine share its cores.
+    assert loaders.loader_workers("auto", cuda, processes=4, cores=64) == 4
+    assert loaders.loader_workers("auto", cuda, processes=8, cores=16) == 1
+    assert 1 <= loaders.loader_workers("auto", cuda) <= 8  # this machine's own cores
+    assert loaders.machine_cores() >= 1
+
+
+def test_explicit_workers_win_and_bad_ones_are_refused():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loaders.loader_workers(3, cpu, cores=2) == 3
+    assert loaders.loader_workers(0, cuda, cores=64) == 0
+    assert loaders.loader_workers(12, cuda, cores=16) == 12  # no cap on a number given
+    for bad in ("four", "4", -1, 2.5, True, None):
+        with pytest.raises(UserError, match=r"train.workers is .*: use auto, or a number"):
+            loaders.loader_workers(bad, cpu)

@@ -55,6 +55,14 @@ def run_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, p
 
 # ---------------------------------------------------------------- params
 
+def test_bad_workers_are_refused_before_any_work():
+    train = {"epochs": 1, "batch_size": 8, "workers": "many"}
+    with pytest.raises(UserError, match="train.workers is 'many'"):
+        stage.check_params(train, {"image_size": 8}, 1)
+    stage.check_params({**train, "workers": "auto"}, {"image_size": 8}, 1)
+    stage.check_params({**train, "workers": 2}, {"image_size": 8}, 1)
+
+
 def test_translate_must_be_below_image_size(clone_built, monkeypatch, capsys):
     repo = clone_built()
     set_params(repo, train={"translate": 8})
@@ -127,7 +135,7 @@ def test_fingerprint_tracks_params_and_data():
     assert key == stage.fingerprint(quiet, meta, 1)
 
 
-def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
+def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch, capsys):
     repo = clone_built()
     set_params(repo, train={"patience": 1, "flip": True, "epochs": 3})
     first, epochs_a = run_in_process(repo, monkeypatch)
@@ -140,11 +148,13 @@ def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
     # Holding the data in memory instead of streaming it changes nothing but the speed.
     set_params(repo, train={"data_on_device": True})
     _, epochs_c = run_in_process(repo, monkeypatch)
+    assert ", data on the device" in capsys.readouterr().out
     pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_c[RESULT_COLUMNS])
     assert same_weights(weights, repo / "models/model.pt")
     # So does loading in 2 worker processes, through the ring of shared buffers.
     set_params(repo, train={"data_on_device": False, "workers": 2})
     _, epochs_d = run_in_process(repo, monkeypatch)
+    assert ", data streamed, 2 workers\n" in capsys.readouterr().out  # the number as given
     pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_d[RESULT_COLUMNS])
     assert same_weights(weights, repo / "models/model.pt")
     # The model is the epoch with the lowest val loss; the run stops once patience is spent.
@@ -232,6 +242,8 @@ def test_checkpoint_of_other_params_is_not_resumed(clone_built, monkeypatch, cap
     summary, epochs = run_in_process(repo, monkeypatch)
     out = capsys.readouterr().out
     assert "ignoring checkpoint" in out and "starting:" in out and "resuming" not in out
+    # train.workers is auto (params.yaml's default) and this is a CPU: the main process loads.
+    assert ", data streamed, 0 workers (auto)\n" in out
     assert list(epochs["epoch"]) == [1, 2]
     assert len(train_runs(repo)) == 2  # built_repo's run and this new one
 
