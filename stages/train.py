@@ -77,6 +77,9 @@ CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths ch
 # Params that change how a run goes, not what it computes: changing them keeps the checkpoint.
 RESUME_SAFE = ("workers", "log_every", "register_as")
 SCHEDULES = ("cosine", "onecycle", "constant")
+# Steps timed apart at the start of every epoch: cuDNN autotuning, CUDA start-up and loader
+# workers starting make them slow, and images_per_second is logged over the steps after them.
+WARMUP_STEPS = 5
 
 
 # ---------------------------------------------------------------- setup
@@ -299,6 +302,16 @@ class EpochStats:
     steps: int
     seconds: float
     data_wait: float          # share of the epoch spent waiting for the next batch
+    warmup_seconds: float = 0.0  # the first steps of the epoch (WARMUP_STEPS or fewer)
+    warmup_images: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """The steady rate: images after the warm-up over their time (whole epoch without one)."""
+        images, seconds = self.images - self.warmup_images, self.seconds - self.warmup_seconds
+        if images <= 0 or seconds <= 0:  # no steps past the warm-up
+            images, seconds = self.images, self.seconds
+        return images / max(seconds, 1e-9)
 
 
 class NonFiniteLoss(Exception):
@@ -325,13 +338,16 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
 
     The loss is checked for NaN/inf and sent to MLflow (when `log` is a RunLogger)
     every `log_every` steps, each step's own value: reading it every step would
-    stall a GPU's queue.
+    stall a GPU's queue. The first WARMUP_STEPS steps (at most half the epoch) are
+    timed apart, so that the steady rate can be compared across runs and epochs.
     """
     s.model.train()
     total_loss = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     pending: list[torch.Tensor] = []  # unchecked losses: .item() every step would stall a GPU
     seen, waited, started = 0, 0.0, time.perf_counter()
+    warmup = min(WARMUP_STEPS, len(loader) // 2)  # a short epoch keeps half its steps steady
+    warm_seconds, warm_seen = 0.0, 0
     bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not shard.main)
     batches = iter(loader)
     for i in range(len(loader)):
@@ -359,6 +375,10 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
         total_loss += loss * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
+        if i + 1 == warmup:
+            if s.device.type == "cuda":  # the clock must see the queued steps done, not issued
+                torch.cuda.synchronize(s.device)
+            warm_seconds, warm_seen = time.perf_counter() - started, seen
         bar.update()
         if (i + 1) % log_every == 0 or i + 1 == len(loader):
             check_finite(pending, first_step + i + 1 - len(pending), shard)
@@ -372,13 +392,15 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
                                 img_s=f"{rate:.0f}")
     bar.close()
     sums = torch.stack([total_loss.float(), correct.float(),
-                        torch.tensor(float(seen), device=s.device)])
+                        torch.tensor(float(seen), device=s.device),
+                        torch.tensor(float(warm_seen), device=s.device)])
     if shard.world > 1:
         dist.all_reduce(sums)
-    total, right, images = sums.tolist()
+    total, right, images, warm_images = sums.tolist()
     seconds = time.perf_counter() - started
     return EpochStats(total / max(images, 1), right / max(images, 1), int(images),
-                      len(loader), seconds, waited / max(seconds, 1e-9))
+                      len(loader), seconds, waited / max(seconds, 1e-9),
+                      warm_seconds, int(warm_images))
 
 
 def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device,
@@ -561,8 +583,8 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
             best_state = cpu_state(net)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-               "epoch_seconds": stats.seconds, "images_per_second": stats.images / stats.seconds,
-               "data_wait": stats.data_wait}
+               "epoch_seconds": stats.seconds, "warmup_seconds": stats.warmup_seconds,
+               "images_per_second": stats.images_per_second, "data_wait": stats.data_wait}
         history.append(row)
 
         mine = rng_state() | {"loader": generator.get_state()}
@@ -582,7 +604,8 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
                 "history": history, "rng": states, "run_id": run.info.run_id})
             print(f"epoch {epoch:>3}/{epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}  "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  "
-                  f"{row['images_per_second']:.0f} img/s", flush=True)
+                  f"{row['images_per_second']:.0f} img/s after {stats.warmup_seconds:.1f} s "
+                  "of warm-up", flush=True)
         if stopper.stop and shard.main:
             print(f"early stop: val loss has not improved for {stopper.patience} epochs; "
                   f"keeping epoch {stopper.best_epoch}")

@@ -273,6 +273,28 @@ def test_logged_model_predicts_like_model_pt(built_repo):
     assert info.signature is not None and info.saved_input_example_info is not None
 
 
+def test_throughput_is_logged_apart_from_the_warmup(built_repo):
+    from mlflow import MlflowClient
+
+    (run,) = train_runs(built_repo)
+    client = MlflowClient(tracking_uri=f"sqlite:///{built_repo / 'mlflow.db'}")
+    logged = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+              for key in ("images_per_second", "warmup_seconds", "epoch_seconds")}
+    epochs = pd.read_csv(built_repo / "metrics/epochs.csv")
+    assert set(logged["warmup_seconds"]) == set(epochs["epoch"]) == {1, 2}
+    # The warm-up is the first steps (fewer in a short epoch), full batches of train.batch_size.
+    images, batch = len(SplitDataset(built_repo / "data/tensors", "train")), 32
+    warmup_steps = min(stage.WARMUP_STEPS, math.ceil(images / batch) // 2)
+    assert warmup_steps >= 1
+    for row in epochs.itertuples():
+        assert logged["warmup_seconds"][row.epoch] == pytest.approx(row.warmup_seconds)
+        assert logged["images_per_second"][row.epoch] == pytest.approx(row.images_per_second)
+        assert 0 < row.warmup_seconds < row.epoch_seconds  # the warm-up is part of the epoch
+        # images/s counts only the images after the warm-up, over their own time.
+        steady = (images - warmup_steps * batch) / (row.epoch_seconds - row.warmup_seconds)
+        assert row.images_per_second == pytest.approx(steady, rel=1e-6) and steady > 0
+
+
 def test_ddp_on_two_cpu_processes_makes_one_model_and_one_run(clone_built):
     repo = clone_built()
     before = len(train_runs(repo))
