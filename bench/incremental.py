@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from conftest import dvc, git, make_repo  # noqa: E402
-from loader import cpu_model, make_dataset  # noqa: E402
+from shared import cpu_model, make_dataset  # noqa: E402
 
 
 def repro(repo: Path) -> tuple[float, dict]:

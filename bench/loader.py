@@ -19,16 +19,13 @@ training step on this machine's device.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -36,44 +33,13 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared import CLASSES, cpu_model, make_dataset  # noqa: E402
+
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from stages.loaders import make_loader  # noqa: E402
 from stages.models import SmallCNN, pick_device  # noqa: E402
 from stages.preprocess import preprocess  # noqa: E402
 from stages.tensors import SplitDataset, read_meta, to_device  # noqa: E402
-from stages.train import make_loader  # noqa: E402
-
-CLASSES = 10
-
-
-# ---------------------------------------------------------------- the images
-
-def make_jpeg(job: tuple[str, int, int, int]) -> tuple[str, str]:
-    """Write one photo-like JPEG (smooth colour fields plus grain); returns (path, sha256)."""
-    path, seed, width, height = job
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.int16)
-    grain = rng.normal(0, 12, smooth.shape).astype(np.int16)
-    pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, quality=90)
-    return path, hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def make_dataset(folder: Path, n: int, workers: int, start: int = 0,
-                 size: tuple[int, int] = (500, 375)) -> pd.DataFrame:
-    """n generated JPEGs in CLASSES folders, as a manifest with every image in train."""
-    jobs = []
-    for i in range(start, start + n):
-        path = folder / f"c{i % CLASSES}" / f"{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        jobs.append((str(path), i, *size))
-    with Pool(workers) as pool:
-        done = pool.map(make_jpeg, jobs, chunksize=32)
-    return pd.DataFrame({"path": [p for p, _ in done], "sha256": [s for _, s in done],
-                         "class": [f"c{i % CLASSES}" for i in range(start, start + n)],
-                         "label": [i % CLASSES for i in range(start, start + n)],
-                         "split": "train"})
-
 
 # ---------------------------------------------------------------- (a) the classic pipeline
 
@@ -236,17 +202,6 @@ def main() -> None:
                     print(f"{size:>5}  {label:<22}  {f16:>6.0f} img/s  {u8:>6.0f} img/s  "
                           f"{u8 / f16:>6.2f}", flush=True)
             del loaders
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ the real root, so a killed experiment resumes too. The file is named by a
 fingerprint of the params and the data, so a checkpoint of other params or
 data is never resumed; it is deleted once the model is written.
 
+The data path (the loaders, the workers choice and the augmentation) is stages/loaders.py.
+
 Scale out: with train.gpus > 1 the stage relaunches itself under torchrun,
 one process per GPU (DistributedDataParallel). Only rank 0 logs and writes.
 """
@@ -26,7 +28,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,15 @@ from stages.common import (
     write_csv,
     write_json,
 )
+from stages.loaders import (
+    DeviceLoader,
+    augment,
+    keep_on_device,
+    loader_workers,
+    make_loader,
+    make_sampler,
+    parse_workers,
+)
 from stages.models import (
     MEMORY_FORMAT,
     amp_dtype,
@@ -57,14 +67,7 @@ from stages.models import (
     pick_device,
     predict,
 )
-from stages.tensors import (
-    NumberedBatches,
-    RingDataset,
-    SplitDataset,
-    as_batch,
-    read_meta,
-    to_device,
-)
+from stages.tensors import SplitDataset, read_meta, to_device
 
 TENSORS = Path("data/tensors")
 MODEL = Path("models/model.pt")
@@ -74,6 +77,9 @@ CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths ch
 # Params that change how a run goes, not what it computes: changing them keeps the checkpoint.
 RESUME_SAFE = ("workers", "log_every", "register_as")
 SCHEDULES = ("cosine", "onecycle", "constant")
+# Steps timed apart at the start of every epoch: cuDNN autotuning, CUDA start-up and loader
+# workers starting make them slow, and images_per_second is logged over the steps after them.
+WARMUP_STEPS = 5
 
 
 # ---------------------------------------------------------------- setup
@@ -85,6 +91,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes of the job on this machine
 
     @property
     def main(self) -> bool:
@@ -110,7 +117,8 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world, local_rank)
+    return Dist(dist.get_rank(), world, local_rank,
+                int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 def seed_everything(seed: int) -> None:
@@ -137,100 +145,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------- data
-
-def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own reproducible NumPy and Python seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_sampler(dataset: Any, seed: int, shard: Dist, shuffle: bool = True
-                 ) -> torch.utils.data.DistributedSampler:
-    """This process's share of the data, in an order that depends only on (seed, epoch).
-
-    The order never depends on generator state, so a resumed run visits the
-    same batches as an uninterrupted one, with or without loader workers.
-    """
-    return torch.utils.data.DistributedSampler(dataset, num_replicas=shard.world,
-                                               rank=shard.rank, shuffle=shuffle, seed=seed)
-
-
-def make_loader(dataset: SplitDataset, batch_size: int, workers: int, sampler: Any,
-                device: torch.device, generator: torch.Generator | None = None
-                ) -> torch.utils.data.DataLoader:
-    """Stream batches from the tensor shards through a ring of reused buffers (see RingDataset).
-
-    Each batch is valid until the next few are loaded: the loops here copy it to the
-    device (pinned first, for a fast copy to a GPU) or to float32 straight away.
-    """
-    prefetch = 2 if workers > 0 else None  # DataLoader's default
-    ring = RingDataset(dataset, batch_size, slots=(prefetch or 0) * workers + 2)
-    order = sampler if sampler is not None else range(len(dataset))
-    return torch.utils.data.DataLoader(
-        ring, batch_sampler=NumberedBatches(order, batch_size), num_workers=workers,
-        prefetch_factor=prefetch, collate_fn=as_batch, generator=generator,
-        worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0)
-
-
-class DeviceLoader:
-    """Batches from a split held whole on the device: no workers, no copies, no pinning."""
-
-    def __init__(self, dataset: SplitDataset, batch_size: int, sampler: Any,
-                 device: torch.device):
-        self.x = torch.from_numpy(dataset.read_all()).to(device)  # one read, then held
-        self.y = torch.from_numpy(dataset.labels).to(device)
-        self.batch_size, self.sampler = batch_size, sampler
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler), device=self.x.device)
-        for batch in order.split(self.batch_size):
-            batch = batch.sort().values  # as SplitDataset reads a batch: same order, same sums
-            yield self.x[batch], self.y[batch]
-
-
-def keep_on_device(setting: Any, device: torch.device, nbytes: int) -> bool:
-    """Decide train.data_on_device: `auto` keeps the split on a GPU when it takes < 1/4 of it."""
-    if setting in (True, "true"):
-        return True
-    if setting in (False, "false"):
-        return False
-    if setting != "auto":
-        raise UserError(f"train.data_on_device is {setting!r}: use auto, true or false")
-    if device.type != "cuda":
-        return False  # the DataLoader already reads from RAM (page cache) on a CPU
-    free, _total = torch.cuda.mem_get_info(device)
-    return nbytes < free / 4
-
-
-def augment(x: torch.Tensor, flip: bool, translate: int) -> torch.Tensor:
-    """Random horizontal flip and translation, drawn per image, on a whole batch on its device."""
-    if flip:
-        flipped = torch.rand(len(x), device=x.device) < 0.5
-        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
-    if translate > 0:
-        x = random_translate(x, translate)
-    return x
-
-
-def random_translate(x: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Shift each image by its own random (dy, dx) in [-pixels, pixels], filling by reflection."""
-    n, _c, h, w = x.shape
-    padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="reflect")
-    dy = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device)
-    dx = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device)
-    rows = dy + torch.arange(h, device=x.device)          # (n, h): source row of each output row
-    cols = dx + torch.arange(w, device=x.device)          # (n, w)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1)
-    # One gather for the whole batch: indexing dims 0, 2, 3 yields (n, h, w, c).
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- optimisation
@@ -388,6 +302,16 @@ class EpochStats:
     steps: int
     seconds: float
     data_wait: float          # share of the epoch spent waiting for the next batch
+    warmup_seconds: float = 0.0  # the first steps of the epoch (WARMUP_STEPS or fewer)
+    warmup_images: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """The steady rate: images after the warm-up over their time (whole epoch without one)."""
+        images, seconds = self.images - self.warmup_images, self.seconds - self.warmup_seconds
+        if images <= 0 or seconds <= 0:  # no steps past the warm-up
+            images, seconds = self.images, self.seconds
+        return images / max(seconds, 1e-9)
 
 
 class NonFiniteLoss(Exception):
@@ -414,13 +338,16 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
 
     The loss is checked for NaN/inf and sent to MLflow (when `log` is a RunLogger)
     every `log_every` steps, each step's own value: reading it every step would
-    stall a GPU's queue.
+    stall a GPU's queue. The first WARMUP_STEPS steps (at most half the epoch) are
+    timed apart, so that the steady rate can be compared across runs and epochs.
     """
     s.model.train()
     total_loss = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     pending: list[torch.Tensor] = []  # unchecked losses: .item() every step would stall a GPU
     seen, waited, started = 0, 0.0, time.perf_counter()
+    warmup = min(WARMUP_STEPS, len(loader) // 2)  # a short epoch keeps half its steps steady
+    warm_seconds, warm_seen = 0.0, 0
     bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not shard.main)
     batches = iter(loader)
     for i in range(len(loader)):
@@ -448,6 +375,10 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
         total_loss += loss * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
+        if i + 1 == warmup:
+            if s.device.type == "cuda":  # the clock must see the queued steps done, not issued
+                torch.cuda.synchronize(s.device)
+            warm_seconds, warm_seen = time.perf_counter() - started, seen
         bar.update()
         if (i + 1) % log_every == 0 or i + 1 == len(loader):
             check_finite(pending, first_step + i + 1 - len(pending), shard)
@@ -461,13 +392,15 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
                                 img_s=f"{rate:.0f}")
     bar.close()
     sums = torch.stack([total_loss.float(), correct.float(),
-                        torch.tensor(float(seen), device=s.device)])
+                        torch.tensor(float(seen), device=s.device),
+                        torch.tensor(float(warm_seen), device=s.device)])
     if shard.world > 1:
         dist.all_reduce(sums)
-    total, right, images = sums.tolist()
+    total, right, images, warm_images = sums.tolist()
     seconds = time.perf_counter() - started
     return EpochStats(total / max(images, 1), right / max(images, 1), int(images),
-                      len(loader), seconds, waited / max(seconds, 1e-9))
+                      len(loader), seconds, waited / max(seconds, 1e-9),
+                      warm_seconds, int(warm_images))
 
 
 def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device,
@@ -525,6 +458,7 @@ def check_params(p: dict[str, Any], meta: dict[str, Any], world: int) -> None:
     if p.get("data_on_device", "auto") not in ("auto", True, False, "true", "false"):
         raise UserError(f"train.data_on_device is {p['data_on_device']!r}: "
                         "use auto, true or false")
+    parse_workers(p.get("workers", "auto"))
 
 
 def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
@@ -544,18 +478,22 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
 
     train_set, val_set = SplitDataset(TENSORS, "train"), SplitDataset(TENSORS, "val")
-    sampler = make_sampler(train_set, seed, shard)
+    sampler = make_sampler(train_set, seed, shard.rank, shard.world)
     on_device = keep_on_device(p.get("data_on_device", "auto"), device,
                                train_set.nbytes + val_set.nbytes)
     # Seeds the loader workers; its own generator, so loaders never draw from torch's global one.
     generator = torch.Generator().manual_seed(seed + shard.rank)
-    if on_device:
+    if on_device:  # no workers: a batch is an index lookup on the device
         train_loader: Any = DeviceLoader(train_set, batch_size, sampler, device)
         val_loader: Any = DeviceLoader(val_set, batch_size, range(len(val_set)), device)
+        feed = "data on the device"
     else:
-        workers = int(p.get("workers") or 0)
+        setting = p.get("workers", "auto")
+        workers = loader_workers(setting, device, shard.local_world)
         train_loader = make_loader(train_set, batch_size, workers, sampler, device, generator)
         val_loader = make_loader(val_set, batch_size, 0, None, device, torch.Generator())
+        feed = (f"data streamed, {workers} worker{'' if workers == 1 else 's'}"
+                f"{' (auto)' if parse_workers(setting) is None else ''}")
 
     classes = meta["classes"]
     net = create_model(p["model"], len(classes),
@@ -595,7 +533,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
         print(f"{where}: {p['model']} on {device}"
               f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
               f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
-              f"{epochs} epochs, data {'on the device' if on_device else 'streamed'}", flush=True)
+              f"{epochs} epochs, {feed}", flush=True)
 
     started = time.perf_counter()
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -622,8 +560,8 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
             best_state = cpu_state(net)
         row = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-               "epoch_seconds": stats.seconds, "images_per_second": stats.images / stats.seconds,
-               "data_wait": stats.data_wait}
+               "epoch_seconds": stats.seconds, "warmup_seconds": stats.warmup_seconds,
+               "images_per_second": stats.images_per_second, "data_wait": stats.data_wait}
         history.append(row)
 
         mine = rng_state() | {"loader": generator.get_state()}
@@ -643,7 +581,8 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
                 "history": history, "rng": states, "run_id": run.info.run_id})
             print(f"epoch {epoch:>3}/{epochs}  train loss {stats.loss:.4f} acc {stats.acc:.4f}  "
                   f"val loss {val_loss:.4f} acc {val_acc:.4f}  "
-                  f"{row['images_per_second']:.0f} img/s", flush=True)
+                  f"{row['images_per_second']:.0f} img/s after {stats.warmup_seconds:.1f} s "
+                  "of warm-up", flush=True)
         if stopper.stop and shard.main:
             print(f"early stop: val loss has not improved for {stopper.patience} epochs; "
                   f"keeping epoch {stopper.best_epoch}")

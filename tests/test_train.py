@@ -1,4 +1,4 @@
-"""The train stage: augmentation, schedules, determinism, resume after kill -9, NaN guard, DDP."""
+"""The train stage: params, schedules, determinism, resume after kill -9, NaN guard, DDP."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from conftest import BIN, dvc, env, mlflow_runs, set_params
 from stages import train as stage
 from stages.common import UserError
 from stages.models import load_checkpoint
-from stages.tensors import read_meta
+from stages.tensors import SplitDataset, read_meta
 
 RESULT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
 
@@ -53,41 +53,14 @@ def run_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, p
             pd.read_csv(repo / "metrics/epochs.csv"))
 
 
-# ---------------------------------------------------------------- augmentation
+# ---------------------------------------------------------------- params
 
-def batch(n: int = 64, size: int = 8) -> torch.Tensor:
-    """Images whose every pixel is distinct, so any move of a pixel shows."""
-    return torch.arange(n * 3 * size * size, dtype=torch.float32).view(n, 3, size, size)
-
-
-def test_augmentation_off_is_identity():
-    x = batch()
-    assert torch.equal(stage.augment(x, flip=False, translate=0), x)
-
-
-def test_flip_is_drawn_per_image():
-    torch.manual_seed(0)
-    x = batch()
-    out = stage.augment(x, flip=True, translate=0)
-    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
-    kept = [torch.equal(o, i) for o, i in zip(out, x)]
-    assert all(f or k for f, k in zip(flipped, kept))  # each image is itself or its mirror
-    assert 10 < sum(flipped) < 54                       # and the coin is tossed per image
-
-
-def test_translate_shifts_each_image_within_bounds():
-    torch.manual_seed(0)
-    x, pixels = batch(size=8), 2
-    out = stage.augment(x, flip=False, translate=pixels)
-    assert out.shape == x.shape and out.dtype == x.dtype
-    shifts = set()
-    for o, i in zip(out, x):
-        # The centre of a shifted image is the input's centre moved by (dy, dx), |d| <= pixels.
-        found = [(dy, dx) for dy in range(-pixels, pixels + 1) for dx in range(-pixels, pixels + 1)
-                 if torch.equal(o[:, 2:6, 2:6], i[:, 2 + dy:6 + dy, 2 + dx:6 + dx])]
-        assert len(found) == 1
-        shifts.add(found[0])
-    assert len(shifts) > 5  # drawn per image, not once per batch
+def test_bad_workers_are_refused_before_any_work():
+    train = {"epochs": 1, "batch_size": 8, "workers": "many"}
+    with pytest.raises(UserError, match="train.workers is 'many'"):
+        stage.check_params(train, {"image_size": 8}, 1)
+    stage.check_params({**train, "workers": "auto"}, {"image_size": 8}, 1)
+    stage.check_params({**train, "workers": 2}, {"image_size": 8}, 1)
 
 
 def test_translate_must_be_below_image_size(clone_built, monkeypatch, capsys):
@@ -162,7 +135,7 @@ def test_fingerprint_tracks_params_and_data():
     assert key == stage.fingerprint(quiet, meta, 1)
 
 
-def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
+def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch, capsys):
     repo = clone_built()
     set_params(repo, train={"patience": 1, "flip": True, "epochs": 3})
     first, epochs_a = run_in_process(repo, monkeypatch)
@@ -175,11 +148,13 @@ def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch):
     # Holding the data in memory instead of streaming it changes nothing but the speed.
     set_params(repo, train={"data_on_device": True})
     _, epochs_c = run_in_process(repo, monkeypatch)
+    assert ", data on the device" in capsys.readouterr().out
     pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_c[RESULT_COLUMNS])
     assert same_weights(weights, repo / "models/model.pt")
     # So does loading in 2 worker processes, through the ring of shared buffers.
     set_params(repo, train={"data_on_device": False, "workers": 2})
     _, epochs_d = run_in_process(repo, monkeypatch)
+    assert ", data streamed, 2 workers\n" in capsys.readouterr().out  # the number as given
     pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_d[RESULT_COLUMNS])
     assert same_weights(weights, repo / "models/model.pt")
     # The model is the epoch with the lowest val loss; the run stops once patience is spent.
@@ -267,6 +242,8 @@ def test_checkpoint_of_other_params_is_not_resumed(clone_built, monkeypatch, cap
     summary, epochs = run_in_process(repo, monkeypatch)
     out = capsys.readouterr().out
     assert "ignoring checkpoint" in out and "starting:" in out and "resuming" not in out
+    # train.workers is auto (params.yaml's default) and this is a CPU: the main process loads.
+    assert ", data streamed, 0 workers (auto)\n" in out
     assert list(epochs["epoch"]) == [1, 2]
     assert len(train_runs(repo)) == 2  # built_repo's run and this new one
 
@@ -285,6 +262,28 @@ def test_training_run_logs_every_curve(built_repo):
     (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                             output_format="list")
     assert logged.source_run_id == run.info.run_id
+
+
+def test_throughput_is_logged_apart_from_the_warmup(built_repo):
+    from mlflow import MlflowClient
+
+    (run,) = train_runs(built_repo)
+    client = MlflowClient(tracking_uri=f"sqlite:///{built_repo / 'mlflow.db'}")
+    logged = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+              for key in ("images_per_second", "warmup_seconds", "epoch_seconds")}
+    epochs = pd.read_csv(built_repo / "metrics/epochs.csv")
+    assert set(logged["warmup_seconds"]) == set(epochs["epoch"]) == {1, 2}
+    # The warm-up is the first steps (fewer in a short epoch), full batches of train.batch_size.
+    images, batch = len(SplitDataset(built_repo / "data/tensors", "train")), 32
+    warmup_steps = min(stage.WARMUP_STEPS, math.ceil(images / batch) // 2)
+    assert warmup_steps >= 1
+    for row in epochs.itertuples():
+        assert logged["warmup_seconds"][row.epoch] == pytest.approx(row.warmup_seconds)
+        assert logged["images_per_second"][row.epoch] == pytest.approx(row.images_per_second)
+        assert 0 < row.warmup_seconds < row.epoch_seconds  # the warm-up is part of the epoch
+        # images/s counts only the images after the warm-up, over their own time.
+        steady = (images - warmup_steps * batch) / (row.epoch_seconds - row.warmup_seconds)
+        assert row.images_per_second == pytest.approx(steady, rel=1e-6) and steady > 0
 
 
 def test_ddp_on_two_cpu_processes_makes_one_model_and_one_run(clone_built):

@@ -1,0 +1,161 @@
+"""The train stage's data path: batches from data/tensors to the device, and on-device augmentation.
+
+Two loaders hand the loop (images, labels) batches in the order of a sampler:
+    DeviceLoader   the whole split held on the device; a batch is an index lookup
+    make_loader    a DataLoader streaming the tensor shards through a ring of reused
+                   buffers (tensors.RingDataset), in the main process or in workers
+`keep_on_device` decides between them (train.data_on_device), `loader_workers` how
+many worker processes make_loader gets (train.workers). Augmentation runs
+on whole batches on the device, drawn per image, so no worker touches an image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stages.common import UserError
+from stages.tensors import NumberedBatches, RingDataset, SplitDataset, as_batch
+
+MAX_AUTO_WORKERS = 8  # past this, more workers only add shared memory and start-up time
+
+# ---------------------------------------------------------------- order
+
+def seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own reproducible NumPy and Python seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_sampler(dataset: Any, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True
+                 ) -> torch.utils.data.DistributedSampler:
+    """The share of process `rank` of `world`, in an order that depends only on (seed, epoch).
+
+    The order never depends on generator state, so a resumed run visits the
+    same batches as an uninterrupted one, with or without loader workers.
+    """
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                               shuffle=shuffle, seed=seed)
+
+
+# ---------------------------------------------------------------- loaders
+
+def make_loader(dataset: SplitDataset, batch_size: int, workers: int, sampler: Any,
+                device: torch.device, generator: torch.Generator | None = None
+                ) -> torch.utils.data.DataLoader:
+    """Stream batches from the tensor shards through a ring of reused buffers (see RingDataset).
+
+    Each batch is valid until the next few are loaded: the loops here copy it to the
+    device (pinned first, for a fast copy to a GPU) or to float32 straight away.
+    """
+    prefetch = 2 if workers > 0 else None  # DataLoader's default
+    ring = RingDataset(dataset, batch_size, slots=(prefetch or 0) * workers + 2)
+    order = sampler if sampler is not None else range(len(dataset))
+    return torch.utils.data.DataLoader(
+        ring, batch_sampler=NumberedBatches(order, batch_size), num_workers=workers,
+        prefetch_factor=prefetch, collate_fn=as_batch, generator=generator,
+        worker_init_fn=seed_worker, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0)
+
+
+class DeviceLoader:
+    """Batches from a split held whole on the device: no workers, no copies, no pinning."""
+
+    def __init__(self, dataset: SplitDataset, batch_size: int, sampler: Any,
+                 device: torch.device):
+        self.x = torch.from_numpy(dataset.read_all()).to(device)  # one read, then held
+        self.y = torch.from_numpy(dataset.labels).to(device)
+        self.batch_size, self.sampler = batch_size, sampler
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), device=self.x.device)
+        for batch in order.split(self.batch_size):
+            batch = batch.sort().values  # as SplitDataset reads a batch: same order, same sums
+            yield self.x[batch], self.y[batch]
+
+
+def keep_on_device(setting: Any, device: torch.device, nbytes: int) -> bool:
+    """Decide train.data_on_device: `auto` keeps the split on a GPU when it takes < 1/4 of it."""
+    if setting in (True, "true"):
+        return True
+    if setting in (False, "false"):
+        return False
+    if setting != "auto":
+        raise UserError(f"train.data_on_device is {setting!r}: use auto, true or false")
+    if device.type != "cuda":
+        return False  # the DataLoader already reads from RAM (page cache) on a CPU
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes < free / 4
+
+
+def machine_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (taskset, containers), if known."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parse_workers(setting: Any) -> int | None:
+    """train.workers as written: a number (0 or more) as given, None for auto; else a UserError."""
+    if isinstance(setting, str) and setting == "auto":
+        return None
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0:
+        return setting
+    raise UserError(f"train.workers is {setting!r}: use auto, or a number of DataLoader "
+                    "worker processes (0 loads in the main process)")
+
+
+def loader_workers(setting: Any, device: torch.device, processes: int = 1,
+                   cores: int | None = None) -> int:
+    """DataLoader workers for streamed data: an explicit train.workers, or what `auto` means here.
+
+    auto is 0 on the CPU: the main process reads the tensor shards fastest there,
+    and workers would take cores from the step. On a GPU it is a quarter of this
+    process's share of the cores (`processes` DDP processes on the machine split
+    them), at least 1, at most MAX_AUTO_WORKERS: on 16 cores that is 4, which kept
+    the data wait of an H200 under 5% at 224 px; the other cores are left to the
+    main process, its pin-memory thread and the step's own CPU work.
+    """
+    workers = parse_workers(setting)
+    if workers is not None:
+        return workers
+    if device.type != "cuda":
+        return 0
+    share = (cores if cores is not None else machine_cores()) // max(1, processes)
+    return max(1, min(MAX_AUTO_WORKERS, share // 4))
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment(x: torch.Tensor, flip: bool, translate: int) -> torch.Tensor:
+    """Random horizontal flip and translation, drawn per image, on a whole batch on its device."""
+    if flip:
+        flipped = torch.rand(len(x), device=x.device) < 0.5
+        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
+    if translate > 0:
+        x = random_translate(x, translate)
+    return x
+
+
+def random_translate(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Shift each image by its own random (dy, dx) in [-pixels, pixels], filling by reflection."""
+    n, _c, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="reflect")
+    dy = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device)
+    dx = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device)
+    rows = dy + torch.arange(h, device=x.device)          # (n, h): source row of each output row
+    cols = dx + torch.arange(w, device=x.device)          # (n, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    # One gather for the whole batch: indexing dims 0, 2, 3 yields (n, h, w, c).
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

@@ -1,0 +1,71 @@
+"""The data path: on-device augmentation, drawn per image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages import loaders
+from stages.common import UserError
+
+# ---------------------------------------------------------------- augmentation
+
+def batch(n: int = 64, size: int = 8) -> torch.Tensor:
+    """Images whose every pixel is distinct, so any move of a pixel shows."""
+    return torch.arange(n * 3 * size * size, dtype=torch.float32).view(n, 3, size, size)
+
+
+def test_augmentation_off_is_identity():
+    x = batch()
+    assert torch.equal(loaders.augment(x, flip=False, translate=0), x)
+
+
+def test_flip_is_drawn_per_image():
+    torch.manual_seed(0)
+    x = batch()
+    out = loaders.augment(x, flip=True, translate=0)
+    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept))  # each image is itself or its mirror
+    assert 10 < sum(flipped) < 54                       # and the coin is tossed per image
+
+
+def test_translate_shifts_each_image_within_bounds():
+    torch.manual_seed(0)
+    x, pixels = batch(size=8), 2
+    out = loaders.augment(x, flip=False, translate=pixels)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    shifts = set()
+    for o, i in zip(out, x):
+        # The centre of a shifted image is the input's centre moved by (dy, dx), |d| <= pixels.
+        found = [(dy, dx) for dy in range(-pixels, pixels + 1) for dx in range(-pixels, pixels + 1)
+                 if torch.equal(o[:, 2:6, 2:6], i[:, 2 + dy:6 + dy, 2 + dx:6 + dx])]
+        assert len(found) == 1
+        shifts.add(found[0])
+    assert len(shifts) > 5  # drawn per image, not once per batch
+
+
+# ---------------------------------------------------------------- workers
+
+def test_auto_workers_follow_the_device_and_the_cores():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device name needs no GPU
+    assert loaders.loader_workers("auto", cpu, cores=64) == 0  # the main process is fastest
+    assert loaders.loader_workers("auto", cuda, cores=16) == 4  # the H200 box of issue 13
+    assert loaders.loader_workers("auto", cuda, cores=6) == 1
+    assert loaders.loader_workers("auto", cuda, cores=2) == 1  # always at least one
+    assert loaders.loader_workers("auto", cuda, cores=128) == loaders.MAX_AUTO_WORKERS == 8
+    # DDP processes on one machine share its cores.
+    assert loaders.loader_workers("auto", cuda, processes=4, cores=64) == 4
+    assert loaders.loader_workers("auto", cuda, processes=8, cores=16) == 1
+    assert 1 <= loaders.loader_workers("auto", cuda) <= 8  # this machine's own cores
+    assert loaders.machine_cores() >= 1
+
+
+def test_explicit_workers_win_and_bad_ones_are_refused():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loaders.loader_workers(3, cpu, cores=2) == 3
+    assert loaders.loader_workers(0, cuda, cores=64) == 0
+    assert loaders.loader_workers(12, cuda, cores=16) == 12  # no cap on a number given
+    for bad in ("four", "4", -1, 2.5, True, None):
+        with pytest.raises(UserError, match=r"train.workers is .*: use auto, or a number"):
+            loaders.loader_workers(bad, cpu)
