@@ -4,8 +4,9 @@ It also logs the servable model (stages/serving.py) into the training run: pictu
 classes out, with one of the val images as its input example.
 
 Outputs:
-    metrics/eval.json       accuracy, top-k accuracy, macro/weighted F1, loss, and per class
-                            precision, recall, F1 and support (a DVC metrics file)
+    metrics/eval.json       the headline: accuracy, macro F1, top-k accuracy, loss (a DVC metric)
+    metrics/eval_details.json  weighted F1, the number of images, and per class precision,
+                            recall, F1 and support
     metrics/confusion.csv   actual,predicted class names per val image (DVC confusion plot)
     metrics/per_class.csv   class,precision,recall,f1,support (DVC bar plot)
     plots/*.png             confusion matrix, loss curves, F1 per class, confident mistakes
@@ -32,10 +33,13 @@ MANIFEST = Path("data/manifest.csv")
 MODEL = Path("models/model.pt")
 EPOCHS_LOG = Path("metrics/epochs.csv")
 METRICS = Path("metrics/eval.json")
+DETAILS = Path("metrics/eval_details.json")
 CONFUSION = Path("metrics/confusion.csv")
 PER_CLASS = Path("metrics/per_class.csv")
 PLOTS = Path("plots")
 THUMBNAIL = 96  # pixels: the longest side of a gallery image
+# The numbers runs are compared by: DVC's metrics, and the pipeline run's in MLflow.
+HEADLINE = ("accuracy", "macro_f1", "loss")
 
 
 # ---------------------------------------------------------------- scores
@@ -51,22 +55,32 @@ def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
     ids = list(range(len(classes)))
     report = skm.classification_report(y_true, y_pred, labels=ids, target_names=classes,
                                        output_dict=True, zero_division=0)
-    result: dict[str, Any] = {"accuracy": skm.accuracy_score(y_true, y_pred)}
+    # Headline first: `dvc exp show` orders a file's columns as its keys.
+    result: dict[str, Any] = {"accuracy": skm.accuracy_score(y_true, y_pred),
+                              "macro_f1": report["macro avg"]["f1-score"]}
     if 2 <= top_k < len(classes):
         probs = torch.softmax(logits.float(), 1).numpy()
         result[f"top{top_k}_accuracy"] = skm.top_k_accuracy_score(y_true, probs, k=top_k,
                                                                    labels=ids)
     result |= {
-        "macro_f1": report["macro avg"]["f1-score"],
-        "weighted_f1": report["weighted avg"]["f1-score"],
         "loss": torch.nn.functional.cross_entropy(logits.float(), labels).item(),
+        "weighted_f1": report["weighted avg"]["f1-score"],
         "images": len(y_true),
-        # Two levels deep, so `dvc metrics diff` shows rows like per_class.seven.f1.
         "per_class": {c: {"precision": report[c]["precision"], "recall": report[c]["recall"],
                           "f1": report[c]["f1-score"], "support": int(report[c]["support"])}
                       for c in classes},
     }
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in result.items()}
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers runs are compared by: accuracy, macro F1, top-k accuracy (if any), loss."""
+    return {k: v for k, v in result.items() if k in HEADLINE or is_top_k(k)}
+
+
+def is_top_k(key: str) -> bool:
+    """True for a top-k accuracy key, like top3_accuracy."""
+    return key.startswith("top") and key.endswith("_accuracy")
 
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -95,7 +109,7 @@ def confused_pairs(matrix: np.ndarray, classes: list[str], n: int = 3
 def summary(result: dict[str, Any], matrix: np.ndarray, classes: list[str]) -> str:
     """A few lines a person reads first: the headline numbers, weakest classes, worst mix-ups."""
     top = next((f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in result.items()
-                if k.startswith("top") and k.endswith("_accuracy")), "")
+                if is_top_k(k)), "")
     lines = [f"val accuracy {result['accuracy']:.4f}{top}, macro F1 {result['macro_f1']:.4f}, "
              f"weighted F1 {result['weighted_f1']:.4f}, loss {result['loss']:.4f} "
              f"on {result['images']} images"]
@@ -183,15 +197,16 @@ def draw(result: dict[str, Any], matrix: np.ndarray, classes: list[str],
     return written
 
 
-def log_run(log: tracking.RunLogger, result: dict[str, Any], report: str,
-            pngs: list[Path]) -> None:
-    """Evaluation metrics, files and PNGs into the training run."""
+def log_run(log: tracking.RunLogger, pipeline: tracking.RunLogger, result: dict[str, Any],
+            report: str, pngs: list[Path]) -> None:
+    """Evaluation metrics, files and PNGs into the training run; the headline into the parent."""
     flat = {f"eval_{k}": v for k, v in result.items() if k != "per_class"}
     for cls, scores in result["per_class"].items():
         flat |= {tracking.metric_key(f"eval_{k}.{cls}"): v
                  for k, v in scores.items() if k != "support"}
     log.metrics(flat)
-    for path in (METRICS, CONFUSION, PER_CLASS):
+    pipeline.metrics({f"eval_{k}": v for k, v in headline(result).items()})
+    for path in (METRICS, DETAILS, CONFUSION, PER_CLASS):
         log.artifact(path, "evaluation")
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "summary.txt"
@@ -223,7 +238,8 @@ def main() -> None:
 
     result = score(logits, labels, classes, top_k)
     matrix = confusion(logits, labels, len(classes))
-    write_json(METRICS, result)
+    write_json(METRICS, headline(result))
+    write_json(DETAILS, {k: v for k, v in result.items() if k not in headline(result)})
     names = pd.Series(classes)
     write_csv(CONFUSION, pd.DataFrame({"actual": names[labels.numpy()].to_numpy(),
                                        "predicted": names[logits.argmax(1).numpy()].to_numpy()}))
@@ -242,11 +258,13 @@ def main() -> None:
     with tracking.stage_run(experiment, "evaluate", {}, meta["data_version"],
                             run_id=checkpoint.get("run_id")) as run:
         log = tracking.RunLogger(run.info.run_id)
-        log_run(log, result, report, pngs)
+        pipeline = tracking.RunLogger(tracking.pipeline_run_id())
+        log_run(log, pipeline, result, report, pngs)
         serving.log_model(log, MODEL, example, max(1, min(top_k, len(classes))),
                           params["train"].get("register_as"))
-    if log.unlogged():
-        print(f"warning: {log.unlogged()}")
+    for logger in (log, pipeline):
+        if logger.unlogged():
+            print(f"warning: {logger.unlogged()}")
     print(report)
     print(f"plots in {PLOTS}/: `dvc plots show` draws them all on one page")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.common import UserError, repo_root
+from stages.common import UserError, load_params, repo_root
 
 try:
     import fcntl
@@ -24,6 +25,9 @@ except ImportError:  # Windows: no flock; parallel first runs are then not guard
     fcntl = None
 
 STORE_FILE = "mlflow.db"
+# The tag that names the pipeline execution a parent run stands for (see pipeline_key).
+PIPELINE_TAG = "imgpipe.pipeline"
+PARENT_TAG = "mlflow.parentRunId"  # what MLflow's own nested runs use: the UI nests by it
 ARTIFACTS_DIR = "mlartifacts"
 # Beside the store, matched by .gitignore's /mlflow.db-*: serialises creating the store.
 LOCK_SUFFIX = "-lock"
@@ -158,6 +162,84 @@ def run_tags(stage: str, data_version: str | None) -> dict[str, str]:
     return tags
 
 
+def params_digest() -> str:
+    """A short sha256 of params.yaml's values (comments and layout aside); '' without one."""
+    try:
+        params = load_params()
+    except UserError:
+        return ""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def pipeline_key(data_version: str | None) -> str:
+    """Which pipeline execution a stage run belongs to: one parent run per key.
+
+    Inside `dvc exp run` it is the experiment's name (with its baseline commit, as names
+    are only unique per baseline). Outside, it is the commit, the data version and a digest
+    of params.yaml: the digest keeps two uncommitted `dvc repro`s with other params (say
+    another lr) apart, as their parent's params, logged once, could not hold both.
+    IMGPIPE_REPRODUCES (a run id, set when reproducing a run) makes its own execution.
+    """
+    commit = git_commit() or ""
+    name = os.environ.get("DVC_EXP_NAME")
+    key = f"exp:{name}@{commit}" if name else \
+        f"repro:{commit}:{data_version or ''}:{params_digest()}"
+    if os.environ.get("IMGPIPE_REPRODUCES"):
+        key += f":reproduces:{os.environ['IMGPIPE_REPRODUCES']}"
+    return re.sub(r"[^\w.:@/+-]", "_", key)  # MLflow's filter strings have no quote escapes
+
+
+def pipeline_run_name() -> str:
+    """The parent run's name: the experiment's, else repro-<commit> (like DVC's rows)."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        return name
+    commit = git_commit()
+    return f"repro-{commit[:7]}" if commit else "repro"
+
+
+def find_or_create_pipeline_run(experiment_id: str, data_version: str | None) -> str:
+    """The id of this execution's parent run, made (with every param) if it is the first stage.
+
+    Looked up by its PIPELINE_TAG under the store lock, so that parallel queued
+    experiments never make two parents for one key (with a server there is no lock,
+    but each queued experiment has its own key).
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    key = pipeline_key(data_version)
+    with store_lock(sqlite_path(tracking_uri())):
+        found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{key}'",
+                                   max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        tags = run_tags("pipeline", data_version) | {PIPELINE_TAG: key}
+        run = client.create_run(experiment_id, tags=tags, run_name=pipeline_run_name())
+        try:
+            params = load_params()
+        except UserError:
+            params = {}
+        batch = [Param(k, str(v)) for k, v in flatten(params).items()]
+        for start in range(0, len(batch), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(run.info.run_id, params=batch[start:start + 100])
+        return run.info.run_id
+
+
+# The parent run of the stage run in progress: stage_run sets it, stages log their
+# headline numbers into it (tracking.RunLogger(tracking.pipeline_run_id())).
+_pipeline: dict[str, str] = {}
+
+
+def pipeline_run_id() -> str:
+    """The id of the parent run of the stage run in progress (inside stage_run only)."""
+    if "run_id" not in _pipeline:
+        raise RuntimeError("pipeline_run_id() is only known inside tracking.stage_run")
+    return _pipeline["run_id"]
+
+
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': {'epochs': 3}} -> {'train.epochs': 3}, the way MLflow shows params."""
     flat: dict[str, Any] = {}
@@ -175,6 +257,11 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
               data_version: str | None = None, run_id: str | None = None) -> Iterator[Any]:
     """Start (or, with run_id, continue) the MLflow run a stage logs into.
 
+    The run is a child of the pipeline execution's parent run (find_or_create_pipeline_run),
+    so that the runs list shows one row per `dvc repro` or experiment. A run that is
+    continued (resumed training, evaluate) keeps the parent it has. The parent's status
+    follows its latest stage: RUNNING while one runs, then FINISHED or FAILED.
+
     If the store goes away while the stage runs, what the stage wrote locally is
     kept, and the stage ends with one line saying what was not logged (exit 1 via
     `common.cli`): the run is incomplete, so DVC must not record the stage as done.
@@ -183,19 +270,24 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
 
     experiment_id = connect(experiment)
     try:
+        parent = find_or_create_pipeline_run(experiment_id, data_version)
+        mlflow.MlflowClient().update_run(parent, "RUNNING")
         if run_id is not None and not _run_exists(run_id):
             print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
             run_id = None
         if run_id is None:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
-                                   tags=run_tags(stage, data_version))
+                                   tags=run_tags(stage, data_version), parent_run_id=parent)
         else:
-            run = mlflow.start_run(run_id=run_id)
+            has_parent = PARENT_TAG in mlflow.MlflowClient().get_run(run_id).data.tags
+            run = mlflow.start_run(run_id=run_id,
+                                   tags=None if has_parent else {PARENT_TAG: parent})
     except Exception as err:
         lost = _store_gone(err, None, stage)
         if lost is None:
             raise
         raise UserError(lost) from None
+    _pipeline["run_id"] = parent
     status = "FAILED"
     try:
         if params:
@@ -211,8 +303,10 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
         raise UserError(lost) from None
     finally:
         # A run that lost some of its logging is marked FAILED: it is not the whole record.
-        _end_run("FAILED" if run.info.run_id in _FAILED else status)
-    failed = _FAILED.get(run.info.run_id)
+        lost = run.info.run_id in _FAILED or parent in _FAILED
+        _end_run("FAILED" if lost else status, parent)
+        _pipeline.clear()
+    failed = _FAILED.get(run.info.run_id) or _FAILED.get(parent)
     if failed is not None:
         raise UserError(f"{failed.unlogged()}; the {stage} stage's local outputs are "
                         "complete, and the next `dvc repro` runs it again to log it all")
@@ -232,8 +326,8 @@ def _store_gone(err: Exception, run_id: str | None, stage: str) -> str | None:
                 f"not logged: {what}{earlier}")
 
 
-def _end_run(status: str) -> None:
-    """End the active run; a store that is gone costs one quick try, not a traceback."""
+def _end_run(status: str, parent: str) -> None:
+    """End the active run and its parent; a store that is gone costs one quick try."""
     import mlflow
 
     try:
@@ -246,6 +340,7 @@ def _end_run(status: str) -> None:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
         mlflow.end_run(status)
+        mlflow.MlflowClient().set_terminated(parent, status)
     except Exception as err:  # noqa: BLE001 - the caller reports what was lost
         if reachable:
             print(f"warning: MLflow run could not be closed ({_reason(err)})")

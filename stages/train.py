@@ -2,7 +2,10 @@
 
 Outputs:
     models/model.pt      the best epoch's weights (lowest val loss), plus all predict needs
-    metrics/train.json   the best epoch's numbers, and how the run went
+    metrics/train.json   the best epoch: its number, val loss and accuracy, and epochs run
+                         (a DVC metric)
+    metrics/train_details.json  the best epoch's train loss/acc, early stop, seconds,
+                         device, and the MLflow run id
     metrics/epochs.csv   per-epoch train/val loss and accuracy (a DVC plot)
 
 Never lose progress: every epoch ends with an atomic checkpoint in
@@ -72,6 +75,9 @@ from stages.tensors import SplitDataset, read_meta, to_device
 TENSORS = Path("data/tensors")
 MODEL = Path("models/model.pt")
 METRICS = Path("metrics/train.json")
+DETAILS = Path("metrics/train_details.json")
+# What runs are compared by (DVC's metrics); the rest of the summary is bookkeeping.
+HEADLINE = ("best_epoch", "epochs", "val_loss", "val_acc")
 EPOCHS_LOG = Path("metrics/epochs.csv")
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths change
 # Params that change how a run goes, not what it computes: changing them keeps the checkpoint.
@@ -606,16 +612,19 @@ def finish(params: dict[str, Any], meta: dict[str, Any], run: Any, log: Any,
                                          "data_version": meta["data_version"],
                                          "epoch": best["epoch"]})
     write_csv(EPOCHS_LOG, pd.DataFrame(history))
-    summary = {k: best[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-    summary |= {"best_epoch": best["epoch"], "epochs": len(history),
-                "stopped_early": stopper.stop, "seconds": round(seconds, 2),
+    summary = {"best_epoch": best["epoch"], "epochs": len(history)}
+    summary |= {k: best[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
+    summary |= {"stopped_early": stopper.stop, "seconds": round(seconds, 2),
                 "device": device.type, "mlflow_run_id": run.info.run_id}
-    write_json(METRICS, summary)
+    write_json(METRICS, {k: summary[k] for k in HEADLINE})
+    write_json(DETAILS, {k: v for k, v in summary.items() if k not in HEADLINE})
     ckpt.unlink(missing_ok=True)  # the model is safe: nothing left to resume
 
+    # Not into the pipeline's run: MLflow's Compare plots the first metric by name, which
+    # there is then eval_accuracy.
     log.metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                  "best_val_acc": best["val_acc"]})
-    for path in (METRICS, EPOCHS_LOG):
+    for path in (METRICS, DETAILS, EPOCHS_LOG):
         log.artifact(path)
     if log.unlogged():  # the servable model is logged by the evaluate stage, once it is scored
         print(f"warning: {log.unlogged()}")

@@ -18,8 +18,9 @@ def stages_run(output: str) -> list[str]:
 
 def test_fresh_repro_builds_everything(built_repo):
     for out in ["data/manifest.csv", "data/rejects.csv", "data/tensors/meta.json",
-                "models/model.pt", "metrics/train.json", "metrics/eval.json",
-                "metrics/epochs.csv", "metrics/confusion.csv"]:
+                "models/model.pt", "metrics/train.json", "metrics/train_details.json",
+                "metrics/eval.json", "metrics/eval_details.json", "metrics/epochs.csv",
+                "metrics/confusion.csv"]:
         assert (built_repo / out).exists(), out
     manifest = pd.read_csv(built_repo / "data/manifest.csv")
     assert len(manifest) == 200
@@ -30,8 +31,14 @@ def test_fresh_repro_builds_everything(built_repo):
     classes = sorted(manifest["class"].unique())
     assert (manifest["label"] == manifest["class"].map(classes.index)).all()
     result = json.loads((built_repo / "metrics/eval.json").read_text())
-    assert result["images"] == (manifest["split"] == "val").sum()
-    assert {"accuracy", "macro_f1", "loss", "per_class"} <= result.keys()
+    assert list(result) == ["accuracy", "macro_f1", "top3_accuracy", "loss"]  # the headline
+    details = json.loads((built_repo / "metrics/eval_details.json").read_text())
+    assert details["images"] == (manifest["split"] == "val").sum()
+    assert {"weighted_f1", "per_class"} <= details.keys()
+    trained = json.loads((built_repo / "metrics/train.json").read_text())
+    assert list(trained) == ["best_epoch", "epochs", "val_loss", "val_acc"]
+    details = json.loads((built_repo / "metrics/train_details.json").read_text())
+    assert {"train_loss", "seconds", "device", "mlflow_run_id"} <= details.keys()
     epochs = pd.read_csv(built_repo / "metrics/epochs.csv")
     assert {"train_loss", "val_loss", "train_acc", "val_acc"} <= set(epochs.columns)
 
@@ -93,18 +100,57 @@ def test_evaluate_logs_into_the_training_run(built_repo):
     model_run = __import__("torch").load(built_repo / "models/model.pt", weights_only=True)
     assert model_run["run_id"] == run.info.run_id
     stages = {r.data.tags.get("imgpipe.stage") for r in runs}
-    assert stages == {"index", "preprocess", "train"}
+    assert stages == {"pipeline", "index", "preprocess", "train"}
 
 
-def test_exp_run_logs_lr_and_experiment_name(clone_built):
+def top_level_runs(repo) -> list:
+    """The rows of MLflow's runs list: runs that are no other run's child."""
+    return [r for r in mlflow_runs(repo) if "mlflow.parentRunId" not in r.data.tags]
+
+
+def test_experiments_compare_at_a_glance_in_dvc_and_mlflow(clone_built):
     repo = clone_built()
-    before = {r.info.run_id for r in mlflow_runs(repo)}
-    out = dvc(repo, "exp", "run", "-S", "lr=0.05").stdout
+    out = dvc(repo, "exp", "run", "-S", "lr=0.01").stdout
     assert stages_run(out) == ["train", "evaluate"]
-    new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
-    assert len(new) == 1
-    run = new[0]
-    assert run.data.params["lr"] == "0.05"
-    names = dvc(repo, "exp", "list", "--name-only").stdout.split()
-    assert run.data.tags["dvc.experiment"] in names
-    assert "eval_accuracy" in run.data.metrics
+
+    # Only the headline numbers are columns, the evaluation's first.
+    (baseline,) = json.loads(dvc(repo, "exp", "show", "--json").stdout)[1:]
+    (exp,) = baseline["experiments"]
+    assert list(exp["revs"][0]["data"]["metrics"]) == ["metrics/eval.json", "metrics/train.json"]
+    header = dvc(repo, "exp", "show", "--md").stdout.splitlines()[0]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:10] == ["Experiment", "Created", "accuracy", "macro_f1", "top3_accuracy",
+                            "loss", "best_epoch", "epochs", "val_loss", "val_acc"]
+    # A 120-column terminal shows both rows' names, lr, accuracy and macro F1 in full.
+    table = dvc(repo, "exp", "show", "--only-changed", COLUMNS="120").stdout
+    rows = {"main": baseline["data"], exp["name"]: exp["revs"][0]["data"]}
+    for name, data in rows.items():
+        line = next(x for x in table.splitlines() if name in x)
+        scores = data["metrics"]["metrics/eval.json"]["data"]
+        shown = re.split(r"\s+", line.replace("[", " ").replace("]", " "))
+        for value in (data["params"]["params.yaml"]["data"]["lr"], scores["accuracy"],
+                      scores["macro_f1"]):
+            assert f"{value:.5g}" in shown, (name, value, table)
+    assert {"lr", "accuracy", "macro_f1"} <= set(table.split())
+
+    # MLflow: one row per pipeline execution, holding the params and the headline.
+    dvc(repo, "exp", "run", "-S", "lr=0.2")
+    names = set(dvc(repo, "exp", "list", "--name-only").stdout.split())
+    top = top_level_runs(repo)
+    assert {r.data.tags["imgpipe.stage"] for r in top} == {"pipeline"}
+    by_exp = {r.data.tags.get("dvc.experiment"): r for r in top}
+    assert set(by_exp) == names | {None} and len(top) == 3  # the built repo's repro + 2
+    children = {}
+    for run in mlflow_runs(repo):
+        children.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
+    for name, parent in by_exp.items():
+        assert parent.info.status == "FINISHED"
+        assert {"lr", "train.epochs", "preprocess.image_size"} <= parent.data.params.keys()
+        assert set(parent.data.metrics) == {"eval_accuracy", "eval_macro_f1", "eval_loss",
+                                            "eval_top3_accuracy"}
+        stages = {r.data.tags["imgpipe.stage"]: r for r in children[parent.info.run_id]}
+        assert set(stages) == ({"train"} if name else {"index", "preprocess", "train"})
+        train = stages["train"]
+        assert train.data.params["lr"] == parent.data.params["lr"]
+        assert train.data.metrics["eval_accuracy"] == parent.data.metrics["eval_accuracy"]
+    assert sorted(r.data.params["lr"] for r in top) == ["0.01", "0.1", "0.2"]

@@ -59,9 +59,13 @@ def test_pipeline_logs_to_remote_server(server, tmp_path):
     experiment = client.get_experiment_by_name("imgpipe")
     runs = client.search_runs([experiment.experiment_id])
     stages = {r.data.tags["imgpipe.stage"]: r for r in runs}
-    assert set(stages) == {"index", "preprocess", "train"}, stages.keys()
+    assert set(stages) == {"pipeline", "index", "preprocess", "train"}, stages.keys()
     assert all(r.info.status == "FINISHED" for r in runs)
     assert "eval_accuracy" in stages["train"].data.metrics
+    # Without the sqlite lock too, the stages of one repro share one parent.
+    parent = stages["pipeline"].info.run_id
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs} == {parent, None}
+    assert "eval_accuracy" in stages["pipeline"].data.metrics
 
     # Every artifact any stage logged comes back through the server, byte for byte
     # where the pipeline also keeps a copy (model, plots and metrics alike).

@@ -62,7 +62,11 @@ def test_parallel_first_runs_share_a_fresh_store(store, tmp_path):
     experiments = [e for e in client.search_experiments() if e.name == "imgpipe"]
     assert len(experiments) == 1
     runs = client.search_runs([experiments[0].experiment_id])
-    assert sorted(r.data.params["lr"] for r in runs) == ["0.01", "0.02", "0.03", "0.04"]
+    stage_runs = [r for r in runs if r.data.tags["imgpipe.stage"] == "train"]
+    assert sorted(r.data.params["lr"] for r in stage_runs) == ["0.01", "0.02", "0.03", "0.04"]
+    # One execution (same commit, data and params.yaml): one parent, made once under the lock.
+    (parent,) = [r for r in runs if r.data.tags["imgpipe.stage"] == "pipeline"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in stage_runs} == {parent.info.run_id}
     assert experiments[0].artifact_location == (tmp_path / tracking.ARTIFACTS_DIR).as_uri()
     with sqlite3.connect(store) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -110,6 +114,60 @@ def test_stage_run_fails_in_one_line_when_logging_was_lost(store):
     kept = MlflowClient(tracking_uri=f"sqlite:///{store}").get_run(run.info.run_id)
     assert kept.data.metrics == {"fine": 1.0}
     assert kept.data.params == {"lr": "0.1"}
+
+
+def run_stage(stage: str, run_id: str | None = None, fail: bool = False) -> tuple[str, str]:
+    """One stage's MLflow run, as the stages make it; returns (its run id, its parent's id)."""
+    params = {} if run_id else {"stage": stage}  # a continued run has its params already
+    with tracking.stage_run("imgpipe", stage, params, "data-v1", run_id) as run:
+        if fail:
+            raise RuntimeError("the stage broke")
+        return run.info.run_id, tracking.pipeline_run_id()
+
+
+def test_stage_runs_nest_under_one_parent_per_pipeline_execution(store, tmp_path,
+                                                                    monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # no git here: the key is data version and params
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "IMGPIPE_REPRODUCES"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "params.yaml").write_text("lr: 0.1\ntrain: {epochs: 2}\n")
+    index, parent = run_stage("index")
+    train, same = run_stage("train")
+    assert same == parent
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = client.get_run(parent)
+    assert run.data.tags["imgpipe.stage"] == "pipeline"
+    assert run.data.tags["data.version"] == "data-v1"
+    assert run.data.params == {"lr": "0.1", "train.epochs": "2"}  # all of params.yaml
+    assert run.info.status == "FINISHED" and run.info.run_name == "repro"
+    for child in (index, train):
+        assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+    # Other params, uncommitted: another execution, since params are logged once per parent.
+    (tmp_path / "params.yaml").write_text("lr: 0.2\ntrain: {epochs: 2}\n")
+    _, other = run_stage("train")
+    assert other != parent and client.get_run(other).data.params["lr"] == "0.2"
+    # Each experiment, and each reproduction of a run, is its own execution.
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    _, exp_a = run_stage("train")
+    monkeypatch.setenv("IMGPIPE_REPRODUCES", "0" * 32)
+    _, reproduced = run_stage("train")
+    assert len({parent, other, exp_a, reproduced}) == 4
+    assert client.get_run(exp_a).info.run_name == "exp-a"
+    assert "reproduces" in client.get_run(reproduced).data.tags["imgpipe.pipeline"]
+
+    # A continued run (resumed training, evaluate) keeps its parent; a failing stage shows.
+    monkeypatch.delenv("IMGPIPE_REPRODUCES")
+    continued, current = run_stage("evaluate", run_id=train)
+    assert (continued, current) == (train, exp_a)
+    assert client.get_run(train).data.tags["mlflow.parentRunId"] == parent
+    with pytest.raises(RuntimeError, match="the stage broke"):
+        run_stage("train", fail=True)
+    assert client.get_run(exp_a).info.status == "FAILED"
+    top = client.search_runs([run.info.experiment_id], "tags.`mlflow.parentRunId` IS NULL")
+    assert {r.info.run_id for r in top} == {parent, other, exp_a, reproduced}
 
 
 def test_flatten_and_metric_key():

@@ -227,6 +227,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(clone_built, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")}
     assert steps == {1, 2, 3, 4}
+    # Still a child of its execution's row, which the resumed stage finished.
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["imgpipe.stage"] == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.data.params["train.batch_size"] == "8"  # this execution's, not built_repo's
     assert checkpoints(repo) == []
 
 

@@ -1,4 +1,5 @@
-"""The MLflow UI in a real headless Chromium: the runs are listed and `lr` compares across them.
+"""The MLflow UI in a real headless Chromium: one row per pipeline execution, and `lr`
+compares against the evaluation accuracy across them.
 
 Also `python tests/test_ui.py docs/mlflow-ui.png` (`make screenshot`): the README's screenshot,
 taken from real runs on the full sample data.
@@ -16,7 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import FAST_PARAMS, ROOT, dvc, git, make_repo
+from conftest import FAST_PARAMS, ROOT, dvc, git, make_repo, mlflow_runs
 from servers import MlflowServer, mlflow_ui
 
 BASE_LR = str(FAST_PARAMS["lr"])  # the built repo's lr
@@ -48,13 +49,13 @@ def browser(profile: Path):
     return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
 
-def train_runs(repo: Path) -> tuple[str, list]:
-    """The experiment id and the train runs (which hold lr) in the repo's store."""
+def pipeline_runs(repo: Path) -> tuple[str, list]:
+    """The experiment id and the parent runs (one per execution, holding lr and eval_*)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("imgpipe")
-    runs = client.search_runs([experiment.experiment_id], "tags.`imgpipe.stage` = 'train'")
+    runs = client.search_runs([experiment.experiment_id], "tags.`imgpipe.stage` = 'pipeline'")
     return experiment.experiment_id, runs
 
 
@@ -82,14 +83,24 @@ def open_runs_page(driver, url: str, experiment_id: str, run_names: list[str]) -
 
 
 def open_compare_page(driver, url: str, experiment_id: str, run_ids: list[str]) -> list[str]:
-    """The compare-runs page for run_ids; returns the lr row's values, one per run."""
+    """The compare-runs page for run_ids, once it plots lr against eval_accuracy (MLflow's
+    first metric by name); returns the lr row's values, one per run."""
     query = urllib.parse.urlencode({"runs": json.dumps(run_ids),
                                     "experiments": json.dumps([experiment_id])})
     driver.get(f"{url}/#/compare-runs?{query}")
     row = "//tr[th[normalize-space()='lr']]/td"
     wait_for(driver, "an lr row with one value per run",
              lambda d: len(d.find_elements("xpath", row)) == len(run_ids))
+    wait_for(driver, "a plot of lr against eval_accuracy",
+             lambda d: {"lr", "eval_accuracy"} <= set(plot_axes(d).split()))
     return [cell.text.strip() for cell in driver.find_elements("xpath", row)]
+
+
+def plot_axes(driver) -> str:
+    """The parallel coordinates plot's text: its axes' names and ticks."""
+    plots = driver.find_elements("css selector", ".js-plotly-plot .parcoords")
+    return plots[0].find_element("xpath", "./ancestor::*[contains(@class, 'js-plotly-plot')]"
+                                 ).text if plots else ""
 
 
 def close_assistant(driver) -> None:
@@ -106,18 +117,22 @@ def test_ui_lists_runs_and_compares_lr(clone_built, tmp_path):
     # Start the UI first: it takes a while to boot, and the second run trains meanwhile.
     ui = MlflowServer(["ui", "--workers", "1"], repo, tmp_path / "ui.log")
     try:
-        dvc(repo, "exp", "run", "train", "-S", "lr=0.2")
-        experiment_id, runs = train_runs(repo)
+        dvc(repo, "exp", "run", "-S", "lr=0.2")
+        experiment_id, runs = pipeline_runs(repo)
         assert {r.data.params["lr"] for r in runs} == {BASE_LR, "0.2"}
         ui.wait_ready()
         driver = browser(tmp_path / "profile")
         try:
+            # The list shows the executions; their stage runs fold away under them.
             open_runs_page(driver, ui.url, experiment_id, [r.info.run_name for r in runs])
+            exp = next(r.info.run_name for r in runs if r.data.params["lr"] == "0.2")
+            assert f"{exp}-train" not in page_text(driver)
             lrs = open_compare_page(driver, ui.url, experiment_id, [r.info.run_id for r in runs])
             assert sorted(float(v) for v in lrs) == [float(BASE_LR), 0.2]
 
             # The artifacts live in <root>/mlartifacts: the UI finds them through the store.
-            first = next(r for r in runs if r.data.params["lr"] == BASE_LR)
+            first = next(r for r in mlflow_runs(repo) if r.data.params.get("lr") == BASE_LR
+                         and r.data.tags["imgpipe.stage"] == "train")
             driver.get(f"{ui.url}/#/experiments/{experiment_id}/runs/{first.info.run_id}"
                        "/artifacts")
             shown = ("train.json", "evaluation", "plots")  # evaluate's files sit in folders
@@ -149,15 +164,13 @@ def screenshot(out: Path, lrs: tuple[str, ...] = ("0.01", "0.02", "0.1", "0.2"))
         while any(word in dvc(repo, "queue", "status").stdout for word in ("Queued", "Running")):
             time.sleep(5)
         dvc(repo, "queue", "stop")
-        experiment_id, runs = train_runs(repo)
-        print(f"{len(runs)} train runs: {sorted(r.data.params['lr'] for r in runs)}")
+        experiment_id, runs = pipeline_runs(repo)
+        print(f"{len(runs)} pipeline runs: {sorted(r.data.params['lr'] for r in runs)}")
         with mlflow_ui(repo) as ui:
             driver = browser(work / "profile")
             try:
                 open_compare_page(driver, ui.url, experiment_id, [r.info.run_id for r in runs])
                 close_assistant(driver)
-                wait_for(driver, "the parallel coordinates plot",
-                         lambda d: d.find_elements("css selector", ".js-plotly-plot .parcoords"))
                 time.sleep(2)  # let the plot finish drawing
                 driver.save_screenshot(str(out))
             finally:
