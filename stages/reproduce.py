@@ -176,7 +176,7 @@ def experiment_rev(name: str, baseline: str) -> str:
 
 
 def missing_data(rev: str) -> list[str]:
-    """The DVC-tracked inputs (.dvc files) of `rev` whose files are not all in the DVC cache."""
+    """The data (.dvc files) of `rev` that neither the DVC cache nor the workspace holds."""
     from dvc.repo import Repo
     from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.tree import Tree
@@ -186,20 +186,30 @@ def missing_data(rev: str) -> list[str]:
     missing = []
     with Repo(".") as repo:
         for name in names:
-            outs = (yaml.safe_load(git("show", f"{rev}:{name}")) or {}).get("outs") or []
-            for out in outs:
+            text = git("show", f"{rev}:{name}")
+            if in_workspace(repo, name, text):
+                continue  # `dvc checkout` keeps files that match: no cache needed
+            for out in (yaml.safe_load(text) or {}).get("outs") or []:
                 oid = out.get("md5")
                 if not oid:
                     continue
                 # DVC 3 files say `hash: md5`; older ones live in the legacy cache.
                 odb = repo.cache.local if out.get("hash") == "md5" else repo.cache.legacy
-                if not odb.exists(oid):
-                    missing.append(out.get("path", name))
-                elif oid.endswith(".dir"):
-                    tree = Tree.load(odb, HashInfo("md5", oid))
-                    if not all(odb.exists(hi.value) for _key, _meta, hi in tree):
-                        missing.append(out.get("path", name))
+                cached = odb.exists(oid) and (not oid.endswith(".dir") or all(
+                    odb.exists(hi.value) for _key, _meta, hi in
+                    Tree.load(odb, HashInfo("md5", oid))))
+                if not cached:
+                    missing.append(str(Path(name).parent / out.get("path", "")))
     return missing
+
+
+def in_workspace(repo: Any, dvc_file: str, text_at_rev: str) -> bool:
+    """True when the workspace's `dvc_file` reads `text_at_rev` and its data matches it."""
+    path = Path(dvc_file)
+    if not path.is_file() or path.read_text() != text_at_rev:
+        return False
+    stages = [s for s in repo.index.stages if s.relpath == str(path)]
+    return bool(stages) and all(not out.workspace_status() for out in stages[0].outs)
 
 
 def check_data_cached(source: Source, run_id: str) -> None:
@@ -227,8 +237,8 @@ def restore(source: Source) -> None:
     head = git("rev-parse", "HEAD").strip()
     if head != source.commit:
         git("checkout", "--quiet", "--detach", source.commit)
-        print(f"checked out {source.commit[:7]}: HEAD is detached there "
-              "(`git switch -` goes back)")
+        print(f"checked out {source.commit[:7]}: HEAD is detached there (afterwards, "
+              "`git switch -f -` returns to your branch, dropping the rebuilt outputs)")
     # Outputs missing from the cache are fine: `dvc repro -f` rebuilds them all, and the
     # data they are made from was checked to be in the cache.
     ran = dvc("checkout", "--allow-missing", check=False)
