@@ -159,6 +159,9 @@ def run_tags(stage: str, data_version: str | None) -> dict[str, str]:
         tags["git.commit"] = commit
     if data_version:
         tags["data.version"] = data_version
+    # Set by imgpipe-reproduce (stages/reproduce.py) around its `dvc repro`: pairs the runs.
+    if os.environ.get("IMGPIPE_REPRODUCES"):
+        tags["imgpipe.reproduces"] = os.environ["IMGPIPE_REPRODUCES"]
     return tags
 
 
