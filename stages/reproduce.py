@@ -42,7 +42,9 @@ BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc")
 EVAL_PREFIX = "eval_"
 # On a GPU, cuDNN's and atomics' summation order changes from run to run.
 GPU_TOLERANCE = 1e-3
-TRAIN_SUMMARY = Path("metrics/train.json")
+# Where the train stage writes its device and run id: train_details.json since only the
+# headline is a DVC metric; runs of older code kept everything in train.json.
+TRAIN_SUMMARIES = (Path("metrics/train_details.json"), Path("metrics/train.json"))
 DVC_FILE_SUFFIX = ".dvc"
 
 
@@ -287,10 +289,10 @@ def find_rebuilt_run(client: Any, run: Any, since_ms: int) -> Any:
         return found[0]
     # Code older than the tag (restored from an old commit) did not set it: the training
     # summary names the new run, which then gets the tag here.
-    if stage == "train" and TRAIN_SUMMARY.is_file():
-        new_id = json.loads(TRAIN_SUMMARY.read_text()).get("mlflow_run_id")
-        new = client.get_run(new_id) if new_id else None
-        if new is not None and new.info.start_time >= since_ms and new_id != run_id:
+    new_id = train_summary("mlflow_run_id") if stage == "train" else None
+    if new_id:
+        new = client.get_run(new_id)
+        if new.info.start_time >= since_ms and new_id != run_id:
             client.set_tag(new_id, REPRODUCES_TAG, run_id)
             return client.get_run(new_id)
     raise UserError(f"`dvc repro -f` logged no new {stage} run tagged {REPRODUCES_TAG}="
@@ -318,7 +320,7 @@ def compare(logged: dict[str, float], rebuilt: dict[str, float], names: list[str
 
 
 def device_of(client: Any, run: Any) -> str | None:
-    """The device type ('cpu', 'cuda') the run trained on, from its train.json artifact."""
+    """The device type ('cpu', 'cuda') the run trained on, from its training summary artifact."""
     import mlflow
 
     train = run
@@ -329,18 +331,31 @@ def device_of(client: Any, run: Any) -> str | None:
         if not children:
             return None
         train = children[0]
-    try:
-        return mlflow.artifacts.load_dict(f"{train.info.artifact_uri}/train.json").get("device")
-    except Exception:  # noqa: BLE001 - no summary logged: the caller falls back
-        return None
+    for summary in TRAIN_SUMMARIES:
+        try:
+            device = mlflow.artifacts.load_dict(f"{train.info.artifact_uri}/{summary.name}")
+        except Exception:  # noqa: BLE001 - no such summary logged: try the next, then fall back
+            continue
+        if device.get("device"):
+            return device["device"]
+    return None
+
+
+def train_summary(key: str) -> Any:
+    """A value of the train stage's local summary files (see TRAIN_SUMMARIES), or None."""
+    for summary in TRAIN_SUMMARIES:
+        if summary.is_file():
+            value = json.loads(summary.read_text()).get(key)
+            if value is not None:
+                return value
+    return None
 
 
 def local_device() -> str:
     """The device type the rebuild trained on: metrics/train.json, else what torch sees."""
-    if TRAIN_SUMMARY.is_file():
-        device = json.loads(TRAIN_SUMMARY.read_text()).get("device")
-        if device:
-            return device
+    device = train_summary("device")
+    if device:
+        return device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -120,13 +120,17 @@ def test_runs_not_made_by_imgpipe_are_refused(experimented):
     assert "was not made by imgpipe (it has no imgpipe.stage tag)" in one_line_error(
         reproduce_cli(repo, foreign))
 
-    # A stage run of imgpipe's own: the message names the train run of the same execution.
+    # A stage run of imgpipe's own: the message names the pipeline run it is a child of,
+    # the row that holds the same execution's train run.
     runs = mlflow_runs(repo)
     index = [r for r in runs if r.data.tags.get("imgpipe.stage") == "index"][-1]  # the first
     first_train = train_runs(repo)[-1]
+    parent = index.data.tags["mlflow.parentRunId"]
+    assert first_train.data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(parent).data.tags["imgpipe.stage"] == "pipeline"
     line = one_line_error(reproduce_cli(repo, index.info.run_id))
     assert "not made by imgpipe's training or pipeline but by its index stage" in line
-    assert f"rebuild run {first_train.info.run_id} instead" in line
+    assert f"rebuild run {parent} instead" in line
 
 
 def test_a_run_from_uncommitted_params_is_refused(experimented):
