@@ -28,16 +28,11 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from shared import make_dataset  # bench/shared.py also puts the repository root on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from loader import make_dataset  # noqa: E402
-
-from stages import predict, serving, tracking  # noqa: E402
-from stages.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from stages.models import create_model, load_checkpoint  # noqa: E402
+from stages import predict, serving, tracking
+from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
+from stages.models import create_model, load_checkpoint
 
 BIN = Path(sys.executable).parent
 
