@@ -165,17 +165,21 @@ def run_tags(stage: str, data_version: str | None) -> dict[str, str]:
     return tags
 
 
-def params_digest() -> str:
-    """A short sha256 of params.yaml's values (comments and layout aside); '' without one."""
+def all_params() -> dict[str, Any]:
+    """Every param in params.yaml, or none when there is no readable params.yaml."""
     try:
-        params = load_params()
+        return load_params()
     except UserError:
-        return ""
+        return {}
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    """A short sha256 of the params' values (params.yaml's comments and layout aside)."""
     text = json.dumps(params, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def pipeline_key(data_version: str | None) -> str:
+def pipeline_key(data_version: str | None, params: dict[str, Any]) -> str:
     """Which pipeline execution a stage run belongs to: one parent run per key.
 
     Inside `dvc exp run` it is the experiment's name (with its baseline commit, as names
@@ -187,7 +191,7 @@ def pipeline_key(data_version: str | None) -> str:
     commit = git_commit() or ""
     name = os.environ.get("DVC_EXP_NAME")
     key = f"exp:{name}@{commit}" if name else \
-        f"repro:{commit}:{data_version or ''}:{params_digest()}"
+        f"repro:{commit}:{data_version or ''}:{params_digest(params)}"
     if os.environ.get("IMGPIPE_REPRODUCES"):
         key += f":reproduces:{os.environ['IMGPIPE_REPRODUCES']}"
     return re.sub(r"[^\w.:@/+-]", "_", key)  # MLflow's filter strings have no quote escapes
@@ -213,7 +217,8 @@ def find_or_create_pipeline_run(experiment_id: str, data_version: str | None) ->
     from mlflow.entities import Param
 
     client = mlflow.MlflowClient()
-    key = pipeline_key(data_version)
+    params = all_params()
+    key = pipeline_key(data_version, params)
     with store_lock(sqlite_path(tracking_uri())):
         found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{key}'",
                                    max_results=1, order_by=["attributes.start_time ASC"])
@@ -221,13 +226,9 @@ def find_or_create_pipeline_run(experiment_id: str, data_version: str | None) ->
             return found[0].info.run_id
         tags = run_tags("pipeline", data_version) | {PIPELINE_TAG: key}
         run = client.create_run(experiment_id, tags=tags, run_name=pipeline_run_name())
-        try:
-            params = load_params()
-        except UserError:
-            params = {}
-        batch = [Param(k, str(v)) for k, v in flatten(params).items()]
-        for start in range(0, len(batch), 100):  # MLflow caps a batch at 100 params
-            client.log_batch(run.info.run_id, params=batch[start:start + 100])
+        # log_batch splits the params into batches of MLflow's maximum itself.
+        client.log_batch(run.info.run_id,
+                         params=[Param(k, str(v)) for k, v in flatten(params).items()])
         return run.info.run_id
 
 
