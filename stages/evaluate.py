@@ -238,8 +238,9 @@ def main() -> None:
 
     result = score(logits, labels, classes, top_k)
     matrix = confusion(logits, labels, len(classes))
-    write_json(METRICS, headline(result))
-    write_json(DETAILS, {k: v for k, v in result.items() if k not in headline(result)})
+    top = headline(result)
+    write_json(METRICS, top)
+    write_json(DETAILS, {k: v for k, v in result.items() if k not in top})
     names = pd.Series(classes)
     write_csv(CONFUSION, pd.DataFrame({"actual": names[labels.numpy()].to_numpy(),
                                        "predicted": names[logits.argmax(1).numpy()].to_numpy()}))
