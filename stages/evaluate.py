@@ -257,7 +257,7 @@ def main() -> None:
 
     experiment = params.get("mlflow", {}).get("experiment", "imgpipe")
     with tracking.stage_run(experiment, "evaluate", {}, meta["data_version"],
-                            run_id=checkpoint.get("run_id")) as run:
+                            model_run=checkpoint.get("run_id")) as run:
         log = tracking.RunLogger(run.info.run_id)
         pipeline = tracking.RunLogger(tracking.pipeline_run_id())
         log_run(log, pipeline, result, report, pngs)

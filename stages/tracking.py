@@ -28,6 +28,7 @@ STORE_FILE = "mlflow.db"
 # The tag that names the pipeline execution a parent run stands for (see pipeline_key).
 PIPELINE_TAG = "imgpipe.pipeline"
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow's own nested runs use: the UI nests by it
+MODEL_RUN_TAG = "imgpipe.model_run"  # on an evaluate run of its own: the run that trained it
 ARTIFACTS_DIR = "mlartifacts"
 # Beside the store, matched by .gitignore's /mlflow.db-*: serialises creating the store.
 LOCK_SUFFIX = "-lock"
@@ -258,13 +259,18 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stage_run(experiment: str, stage: str, params: dict[str, Any],
-              data_version: str | None = None, run_id: str | None = None) -> Iterator[Any]:
+              data_version: str | None = None, run_id: str | None = None,
+              model_run: str | None = None) -> Iterator[Any]:
     """Start (or, with run_id, continue) the MLflow run a stage logs into.
 
     The run is a child of the pipeline execution's parent run (find_or_create_pipeline_run),
     so that the runs list shows one row per `dvc repro` or experiment. A run that is
-    continued (resumed training, evaluate) keeps the parent it has. The parent's status
-    follows its latest stage: RUNNING while one runs, then FINISHED or FAILED.
+    continued (resumed training) keeps the parent it has. model_run (evaluate) is the run
+    that trained the model: it is continued when it belongs to this execution, so that one
+    run holds the curves and the held-out metrics; a model trained by an earlier execution
+    (only evaluate reran, say `-S evaluate.top_k=5`) is evaluated in a new run tagged
+    MODEL_RUN_TAG, and the earlier execution's run keeps its own results. The parent's
+    status follows its latest stage: RUNNING while one runs, then FINISHED or FAILED.
 
     If the store goes away while the stage runs, what the stage wrote locally is
     kept, and the stage ends with one line saying what was not logged (exit 1 via
@@ -276,12 +282,19 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
     try:
         parent = find_or_create_pipeline_run(experiment_id, data_version)
         mlflow.MlflowClient().update_run(parent, "RUNNING")
-        if run_id is not None and not _run_exists(run_id):
+        tags = run_tags(stage, data_version)
+        if model_run is not None and _parent_of(model_run) == parent:
+            run_id = model_run  # trained in this execution: one run holds it all
+        elif model_run is not None:
+            print(f"note: the model was trained in MLflow run {model_run} of an earlier "
+                  f"execution: this {stage} logs to a new run tagged {MODEL_RUN_TAG}")
+            tags[MODEL_RUN_TAG] = model_run
+        elif run_id is not None and not _run_exists(run_id):
             print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
             run_id = None
         if run_id is None:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
-                                   tags=run_tags(stage, data_version), parent_run_id=parent)
+                                   tags=tags, parent_run_id=parent)
         else:
             has_parent = PARENT_TAG in mlflow.MlflowClient().get_run(run_id).data.tags
             run = mlflow.start_run(run_id=run_id,
@@ -365,13 +378,22 @@ def _reason(err: BaseException) -> str:
 
 
 def _run_exists(run_id: str) -> bool:
+    return _get_run(run_id) is not None
+
+
+def _parent_of(run_id: str) -> str | None:
+    """The parent run id of run_id, or None when it has none or is not in the store."""
+    run = _get_run(run_id)
+    return run.data.tags.get(PARENT_TAG) if run else None
+
+
+def _get_run(run_id: str) -> Any:
     import mlflow
 
     try:
-        mlflow.MlflowClient().get_run(run_id)
-        return True
+        return mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        return False
+        return None
 
 
 def metric_key(name: str) -> str:

@@ -154,3 +154,36 @@ def test_experiments_compare_at_a_glance_in_dvc_and_mlflow(clone_built):
         assert train.data.params["lr"] == parent.data.params["lr"]
         assert train.data.metrics["eval_accuracy"] == parent.data.metrics["eval_accuracy"]
     assert sorted(r.data.params["lr"] for r in top) == ["0.01", "0.1", "0.2"]
+
+
+def test_evaluate_only_experiment_leaves_the_earlier_training_run_as_it_was(clone_built):
+    repo = clone_built()
+    (trained,) = [r for r in mlflow_runs(repo) if r.data.tags["imgpipe.stage"] == "train"]
+    out = dvc(repo, "exp", "run", "-S", "evaluate.top_k=2").stdout
+    assert stages_run(out) == ["evaluate"]
+    (name,) = dvc(repo, "exp", "list", "--name-only").stdout.split()
+
+    runs = {r.info.run_id: r for r in mlflow_runs(repo)}
+    # The built repo's training run still holds its own evaluation, and only that.
+    before = runs[trained.info.run_id]
+    assert before.data.metrics == trained.data.metrics
+    assert "eval_top2_accuracy" not in before.data.metrics
+    # The experiment's row has its own evaluate run, which names the model's training run.
+    (parent,) = [r for r in runs.values() if r.data.tags.get("dvc.experiment") == name
+                 and r.data.tags["imgpipe.stage"] == "pipeline"]
+    (evaluated,) = [r for r in runs.values()
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert evaluated.data.tags["imgpipe.stage"] == "evaluate"
+    assert evaluated.data.tags["imgpipe.model_run"] == trained.info.run_id
+    scores = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluated.data.metrics["eval_top2_accuracy"] == scores["top2_accuracy"]
+    assert parent.data.metrics["eval_top2_accuracy"] == scores["top2_accuracy"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert {"plots", "evaluation"} <= {f.path for f in client.list_artifacts(
+        evaluated.info.run_id)}
+    # Each run holds the servable model of its own evaluation.
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(
+        [trained.info.run_id, evaluated.info.run_id])

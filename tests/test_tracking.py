@@ -116,10 +116,11 @@ def test_stage_run_fails_in_one_line_when_logging_was_lost(store):
     assert kept.data.params == {"lr": "0.1"}
 
 
-def run_stage(stage: str, run_id: str | None = None, fail: bool = False) -> tuple[str, str]:
+def run_stage(stage: str, run_id: str | None = None, fail: bool = False,
+              model_run: str | None = None) -> tuple[str, str]:
     """One stage's MLflow run, as the stages make it; returns (its run id, its parent's id)."""
-    params = {} if run_id else {"stage": stage}  # a continued run has its params already
-    with tracking.stage_run("imgpipe", stage, params, "data-v1", run_id) as run:
+    params = {} if run_id or model_run else {"stage": stage}  # a continued run has its params
+    with tracking.stage_run("imgpipe", stage, params, "data-v1", run_id, model_run) as run:
         if fail:
             raise RuntimeError("the stage broke")
         return run.info.run_id, tracking.pipeline_run_id()
@@ -151,18 +152,26 @@ def test_stage_runs_nest_under_one_parent_per_pipeline_execution(store, tmp_path
     assert other != parent and client.get_run(other).data.params["lr"] == "0.2"
     # Each experiment, and each reproduction of a run, is its own execution.
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
-    _, exp_a = run_stage("train")
+    train_a, exp_a = run_stage("train")
     monkeypatch.setenv("IMGPIPE_REPRODUCES", "0" * 32)
     _, reproduced = run_stage("train")
     assert len({parent, other, exp_a, reproduced}) == 4
     assert client.get_run(exp_a).info.run_name == "exp-a"
     assert "reproduces" in client.get_run(reproduced).data.tags["imgpipe.pipeline"]
 
-    # A continued run (resumed training, evaluate) keeps its parent; a failing stage shows.
+    # A resumed training run keeps its parent. Evaluate continues the run that trained the
+    # model when it is of this execution, else logs to a new run that names it, so that the
+    # earlier execution's training run is left as it was.
     monkeypatch.delenv("IMGPIPE_REPRODUCES")
-    continued, current = run_stage("evaluate", run_id=train)
-    assert (continued, current) == (train, exp_a)
+    assert run_stage("train", run_id=train) == (train, exp_a)
     assert client.get_run(train).data.tags["mlflow.parentRunId"] == parent
+    assert run_stage("evaluate", model_run=train_a) == (train_a, exp_a)
+    evaluated, current = run_stage("evaluate", model_run=train)
+    assert current == exp_a and evaluated not in (train, train_a)
+    tags = client.get_run(evaluated).data.tags
+    assert tags["mlflow.parentRunId"] == exp_a and tags["imgpipe.stage"] == "evaluate"
+    assert tags["imgpipe.model_run"] == train
+    assert "imgpipe.model_run" not in client.get_run(train_a).data.tags
     with pytest.raises(RuntimeError, match="the stage broke"):
         run_stage("train", fail=True)
     assert client.get_run(exp_a).info.status == "FAILED"
