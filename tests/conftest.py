@@ -52,6 +52,40 @@ def dvc(repo: Path, *args: str, check: bool = True, **extra_env: str
     return run([str(BIN / "dvc"), *args], repo, check=check, **extra_env)
 
 
+def dvc_on_screen(repo: Path, *args: str, columns: int = 120) -> list[str]:
+    """What the real dvc CLI shows on the first screen of a terminal `columns` wide.
+
+    It runs on a pseudo-terminal, so dvc pages its output as in a user's shell. DVC's
+    default pager is `less -S`, which chops each line at the terminal's width; `cat`
+    stands in for it here, and the lines are chopped the same way.
+    """
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen([str(BIN / "dvc"), *args], cwd=repo, stdin=follower,
+                            stdout=follower, stderr=follower,
+                            env=env(DVC_PAGER="cat", COLUMNS=str(columns)))
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: dvc exited
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, shown.decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode())  # colours, cursor moves
+    return [line[:columns] for line in text.splitlines()]
+
+
 def git(repo: Path, *args: str) -> str:
     """Run git in repo and return its stdout."""
     return run(["git", *args], repo).stdout

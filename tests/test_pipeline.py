@@ -6,7 +6,7 @@ import json
 import re
 
 import pandas as pd
-from conftest import dvc, git, mlflow_runs, set_params
+from conftest import dvc, dvc_on_screen, git, mlflow_runs, set_params
 
 STAGES = ["index", "preprocess", "train", "evaluate"]
 
@@ -132,6 +132,16 @@ def test_experiments_compare_at_a_glance_in_dvc_and_mlflow(clone_built):
                       scores["macro_f1"]):
             assert f"{value:.5g}" in shown, (name, value, table)
     assert {"lr", "accuracy", "macro_f1"} <= set(table.split())
+    # Plain `dvc exp show` in that terminal: DVC pages the whole table (every param and
+    # dependency too), and its first screen holds the names and the evaluation in full.
+    screen = dvc_on_screen(repo, "exp", "show", columns=120)
+    assert {"Experiment", "accuracy", "macro_f1", "loss"} <= set(" ".join(screen).split())
+    for name, data in rows.items():
+        line = next(x for x in screen if name in x)
+        scores = data["metrics"]["metrics/eval.json"]["data"]
+        shown = re.split(r"\s+", line.replace("[", " ").replace("]", " "))
+        for value in (scores["accuracy"], scores["macro_f1"]):
+            assert f"{value:.5g}" in shown, (name, value, "\n".join(screen))
 
     # MLflow: one row per pipeline execution, holding the params and the headline.
     dvc(repo, "exp", "run", "-S", "lr=0.2")
