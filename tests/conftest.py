@@ -154,8 +154,19 @@ def clone_built(built_repo: Path, tmp_path: Path):
     """Return a function that copies the built repo (with its DVC cache and MLflow store)."""
 
     def clone() -> Path:
-        target = tmp_path / "repo"
-        shutil.copytree(built_repo, target, symlinks=True)
-        return target
+        return copy_repo(built_repo, tmp_path)
 
     return clone
+
+
+def copy_repo(repo: Path, tmp_path: Path) -> Path:
+    """A copy of repo (with its DVC cache and MLflow store) at tmp_path/repo, to change freely.
+
+    Copied by `cp` in its own process: closing any file of a sqlite store drops all of
+    this process's POSIX locks on it, so an in-process copy while this process holds the
+    store open (MlflowClient) lets the next subprocess delete the WAL under it, and this
+    process then reads "disk I/O error".
+    """
+    target = tmp_path / "repo"
+    subprocess.run(["cp", "-a", str(repo), str(target)], check=True)
+    return target

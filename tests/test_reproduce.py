@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST_PARAMS, dvc, git, mlflow_runs, run, set_params
+from conftest import FAST_PARAMS, copy_repo, dvc, git, mlflow_runs, run, set_params
 
 from stages import reproduce
 from stages.reproduce import Row
@@ -29,19 +29,6 @@ def reproduce_cli(repo: Path, run_id: str) -> subprocess.CompletedProcess:
 def train_runs(repo: Path) -> list:
     """The repo's imgpipe train runs, newest first."""
     return [r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "train"]
-
-
-def copy_repo(repo: Path, tmp_path: Path) -> Path:
-    """A copy of repo (with its DVC cache and MLflow store) to change freely.
-
-    Copied by `cp` in its own process: closing any file of a sqlite store drops all of
-    this process's POSIX locks on it, so an in-process copy while this process holds the
-    store open (MlflowClient) lets the next subprocess delete the WAL under it, and this
-    process then reads "disk I/O error".
-    """
-    target = tmp_path / "repo"
-    subprocess.run(["cp", "-a", str(repo), str(target)], check=True)
-    return target
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -102,6 +89,28 @@ def test_reproduce_rebuilds_an_experiment_with_the_same_metrics(experimented, tm
         assert rows[name][-1] == "yes"
         assert float(rows[name][1]) == original.data.metrics[name]
     assert f"all {len(compared) + 1} values equal" in out
+
+
+def test_reproduce_rebuilds_a_commit_outside_experiments(experimented, tmp_path):
+    repo = copy_repo(experimented[0], tmp_path)
+    first = train_runs(repo)[-1]  # the built repo's own `dvc repro`, before any experiment
+    commit = first.data.tags["git.commit"]
+    assert "dvc.experiment" not in first.data.tags
+    proc = reproduce_cli(repo, first.info.run_id)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    # The run's commit is checked out (detached), with its params and data.
+    assert git(repo, "rev-parse", "HEAD").strip() == commit
+    assert yaml.safe_load((repo / "params.yaml").read_text())["lr"] == FAST_PARAMS["lr"]
+    (rebuilt,) = [r for r in train_runs(repo)
+                  if r.data.tags.get("imgpipe.reproduces") == first.info.run_id]
+    assert rebuilt.data.tags["git.commit"] == commit
+    compared = reproduce.compared_metrics(first.data.metrics)
+    assert {"best_val_loss", "eval_accuracy"} <= set(compared)
+    for name in compared:
+        assert rebuilt.data.metrics[name] == first.data.metrics[name], name
+    assert f"of commit {commit[:7]})" in proc.stdout
+    assert f"all {len(compared) + 1} values equal" in proc.stdout
 
 
 def test_unknown_run_id_names_the_store(experimented):
