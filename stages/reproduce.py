@@ -36,6 +36,7 @@ REBUILDABLE = ("train", "pipeline")
 STAGE_TAG = "imgpipe.stage"
 REPRODUCES_TAG = "imgpipe.reproduces"
 REPRODUCES_ENV = "IMGPIPE_REPRODUCES"  # read by tracking.run_tags in every stage
+COMMIT_ENV = "IMGPIPE_GIT_COMMIT"  # read by tracking.git_commit: the commit the code is from
 # Metrics that do not depend on timing; eval_* are compared too (images/s, epoch time,
 # data wait, system/* and the step losses' timestamps are not).
 BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc")
@@ -262,10 +263,11 @@ def check_params(run: Any, rev: str) -> None:
                         "`dvc repro`")
 
 
-def rebuild(run_id: str) -> None:
-    """Run every stage again, with each new run tagged imgpipe.reproduces=run_id."""
+def rebuild(run_id: str, commit: str) -> None:
+    """Run every stage again, each new run tagged imgpipe.reproduces=run_id and git.commit."""
     env = dict(os.environ)
     env[REPRODUCES_ENV] = run_id
+    env[COMMIT_ENV] = commit  # after `dvc exp apply`, HEAD is not where the code is from
     # The stages run as `python -m ...`: the python of this environment, activated or not.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # -f: `dvc exp apply` and `dvc checkout` restore the run's outputs from the DVC cache and
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
 
     since_ms = int(time.time() * 1000)
     restore(source)
-    rebuild(run_id)
+    rebuild(run_id, source.commit)
     rebuilt = find_rebuilt_run(client, run, since_ms)
 
     devices = (device_of(client, run) or local_device(), local_device())

@@ -138,9 +138,14 @@ def file_digest(path: str | Path, length: int = 12) -> str:
 
 
 def git_commit() -> str | None:
-    """The git commit the run starts from: DVC's baseline inside experiments, else HEAD."""
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        return os.environ["DVC_EXP_BASELINE_REV"]
+    """The git commit the run starts from: DVC's baseline inside experiments, else HEAD.
+
+    imgpipe-reproduce sets IMGPIPE_GIT_COMMIT to the rebuilt run's commit: it applies an
+    experiment's files on top of whatever HEAD is, so HEAD is not where the code came from.
+    """
+    for name in ("DVC_EXP_BASELINE_REV", "IMGPIPE_GIT_COMMIT"):
+        if os.environ.get(name):
+            return os.environ[name]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              check=True)

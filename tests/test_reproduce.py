@@ -69,6 +69,9 @@ def test_reproduce_rebuilds_an_experiment_with_the_same_metrics(experimented, tm
     rebuilt = [r for r in train_runs(repo) if r.data.tags.get("imgpipe.reproduces") == run_id]
     assert len(rebuilt) == 1 and rebuilt[0].info.run_id != run_id
     assert rebuilt[0].data.params["lr"] == str(LR)
+    # From the experiment's baseline commit, which is not HEAD (a later commit) here.
+    assert rebuilt[0].data.tags["git.commit"] == original.data.tags["git.commit"]
+    assert original.data.tags["git.commit"] != git(repo, "rev-parse", "HEAD").strip()
     compared = reproduce.compared_metrics(original.data.metrics)
     assert {"best_epoch", "best_val_loss", "eval_accuracy", "eval_macro_f1"} <= set(compared)
     assert not any(m in compared for m in ("images_per_second", "epoch_seconds", "data_wait"))
