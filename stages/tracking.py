@@ -288,12 +288,15 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
         parent = find_or_create_pipeline_run(experiment_id, data_version)
         mlflow.MlflowClient().update_run(parent, "RUNNING")
         tags = run_tags(stage, data_version)
-        if model_run is not None and _parent_of(model_run) == parent:
-            run_id = model_run  # trained in this execution: one run holds it all
-        elif model_run is not None:
-            print(f"note: the model was trained in MLflow run {model_run} of an earlier "
-                  f"execution: this {stage} logs to a new run tagged {MODEL_RUN_TAG}")
-            tags[MODEL_RUN_TAG] = model_run
+        if model_run is not None:
+            trained = _get_run(model_run)
+            if trained is not None and trained.data.tags.get(PARENT_TAG) == parent:
+                run_id = model_run  # trained in this execution: one run holds it all
+            else:
+                where = "an earlier execution" if trained else f"not in {tracking_uri()}"
+                print(f"note: the model was trained by MLflow run {model_run} ({where}): "
+                      f"the {stage} stage logs to a new run tagged {MODEL_RUN_TAG}")
+                tags[MODEL_RUN_TAG] = model_run
         elif run_id is not None and not _run_exists(run_id):
             print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
             run_id = None
@@ -384,12 +387,6 @@ def _reason(err: BaseException) -> str:
 
 def _run_exists(run_id: str) -> bool:
     return _get_run(run_id) is not None
-
-
-def _parent_of(run_id: str) -> str | None:
-    """The parent run id of run_id, or None when it has none or is not in the store."""
-    run = _get_run(run_id)
-    return run.data.tags.get(PARENT_TAG) if run else None
 
 
 def _get_run(run_id: str) -> Any:

@@ -171,6 +171,7 @@ def test_evaluate_only_experiment_leaves_the_earlier_training_run_as_it_was(clon
     (trained,) = [r for r in mlflow_runs(repo) if r.data.tags["imgpipe.stage"] == "train"]
     out = dvc(repo, "exp", "run", "-S", "evaluate.top_k=2").stdout
     assert stages_run(out) == ["evaluate"]
+    assert f"trained by MLflow run {trained.info.run_id} (an earlier execution)" in out
     (name,) = dvc(repo, "exp", "list", "--name-only").stdout.split()
 
     runs = {r.info.run_id: r for r in mlflow_runs(repo)}
@@ -197,3 +198,23 @@ def test_evaluate_only_experiment_leaves_the_earlier_training_run_as_it_was(clon
     models = client.search_logged_models([parent.info.experiment_id])
     assert sorted(m.source_run_id for m in models) == sorted(
         [trained.info.run_id, evaluated.info.run_id])
+
+
+def test_evaluate_in_another_store_names_the_training_run_it_lacks(clone_built):
+    repo = clone_built()
+    (trained,) = [r for r in mlflow_runs(repo) if r.data.tags["imgpipe.stage"] == "train"]
+    other = f"sqlite:///{repo / 'other.db'}"
+    out = dvc(repo, "repro", "-f", "-s", "evaluate", MLFLOW_TRACKING_URI=other).stdout
+    assert f"trained by MLflow run {trained.info.run_id} (not in {other})" in out
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=other)
+    (evaluated,) = client.search_runs(
+        [client.get_experiment_by_name("imgpipe").experiment_id],
+        filter_string="tags.`imgpipe.stage` = 'evaluate'")
+    assert evaluated.info.status == "FINISHED"
+    assert evaluated.data.tags["imgpipe.model_run"] == trained.info.run_id
+    scores = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluated.data.metrics["eval_accuracy"] == scores["accuracy"]
+    assert "mlflow.parentRunId" in evaluated.data.tags
