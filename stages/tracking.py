@@ -288,24 +288,27 @@ def stage_run(experiment: str, stage: str, params: dict[str, Any],
         parent = find_or_create_pipeline_run(experiment_id, data_version)
         mlflow.MlflowClient().update_run(parent, "RUNNING")
         tags = run_tags(stage, data_version)
+        continued = None  # the run this stage continues, fetched once
         if model_run is not None:
             trained = _get_run(model_run)
             if trained is not None and trained.data.tags.get(PARENT_TAG) == parent:
-                run_id = model_run  # trained in this execution: one run holds it all
+                continued = trained  # trained in this execution: one run holds it all
             else:
                 where = "an earlier execution" if trained else f"not in {tracking_uri()}"
                 print(f"note: the model was trained by MLflow run {model_run} ({where}): "
                       f"the {stage} stage logs to a new run tagged {MODEL_RUN_TAG}")
                 tags[MODEL_RUN_TAG] = model_run
-        elif run_id is not None and not _run_exists(run_id):
-            print(f"note: MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
-            run_id = None
-        if run_id is None:
+        elif run_id is not None:
+            continued = _get_run(run_id)
+            if continued is None:
+                print(f"note: MLflow run {run_id} is not in {tracking_uri()}: "
+                      "logging to a new run")
+        if continued is None:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(stage),
                                    tags=tags, parent_run_id=parent)
         else:
-            has_parent = PARENT_TAG in mlflow.MlflowClient().get_run(run_id).data.tags
-            run = mlflow.start_run(run_id=run_id,
+            has_parent = PARENT_TAG in continued.data.tags
+            run = mlflow.start_run(run_id=continued.info.run_id,
                                    tags=None if has_parent else {PARENT_TAG: parent})
     except Exception as err:
         lost = _store_gone(err, None, stage)
@@ -385,11 +388,8 @@ def _reason(err: BaseException) -> str:
     return text[:200]
 
 
-def _run_exists(run_id: str) -> bool:
-    return _get_run(run_id) is not None
-
-
 def _get_run(run_id: str) -> Any:
+    """The run run_id in the current store, or None when the store does not hold it."""
     import mlflow
 
     try:

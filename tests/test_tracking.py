@@ -127,7 +127,7 @@ def run_stage(stage: str, run_id: str | None = None, fail: bool = False,
 
 
 def test_stage_runs_nest_under_one_parent_per_pipeline_execution(store, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # no git here: the key is data version and params
@@ -165,6 +165,12 @@ def test_stage_runs_nest_under_one_parent_per_pipeline_execution(store, tmp_path
     monkeypatch.delenv("IMGPIPE_REPRODUCES")
     assert run_stage("train", run_id=train) == (train, exp_a)
     assert client.get_run(train).data.tags["mlflow.parentRunId"] == parent
+    # A run to resume that the store does not hold (another store): a new run, said so.
+    gone = "f" * 32
+    fresh, current = run_stage("train", run_id=gone)
+    assert current == exp_a and fresh not in (gone, train, train_a)
+    assert f"MLflow run {gone} is not in sqlite:///{store}: logging to a new run" \
+        in capsys.readouterr().out
     assert run_stage("evaluate", model_run=train_a) == (train_a, exp_a)
     evaluated, current = run_stage("evaluate", model_run=train)
     assert current == exp_a and evaluated not in (train, train_a)
