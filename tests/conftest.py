@@ -128,11 +128,11 @@ def make_repo(path: Path, images: int | None = 200, params: dict | None = None) 
     return path
 
 
-def mlflow_runs(repo: Path, experiment: str = "imgpipe") -> list:
-    """Every run in the repo's default MLflow store, newest first."""
+def mlflow_runs(repo: Path, experiment: str = "imgpipe", uri: str | None = None) -> list:
+    """Every run in the repo's default MLflow store (or the store at uri), newest first."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=uri or f"sqlite:///{repo / 'mlflow.db'}")
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []

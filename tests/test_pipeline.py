@@ -207,12 +207,8 @@ def test_evaluate_in_another_store_names_the_training_run_it_lacks(clone_built):
     out = dvc(repo, "repro", "-f", "-s", "evaluate", MLFLOW_TRACKING_URI=other).stdout
     assert f"trained by MLflow run {trained.info.run_id} (not in {other})" in out
 
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=other)
-    (evaluated,) = client.search_runs(
-        [client.get_experiment_by_name("imgpipe").experiment_id],
-        filter_string="tags.`imgpipe.stage` = 'evaluate'")
+    (evaluated,) = [r for r in mlflow_runs(repo, uri=other)
+                    if r.data.tags["imgpipe.stage"] == "evaluate"]
     assert evaluated.info.status == "FINISHED"
     assert evaluated.data.tags["imgpipe.model_run"] == trained.info.run_id
     scores = json.loads((repo / "metrics/eval.json").read_text())
