@@ -52,6 +52,7 @@ from shared import (  # bench/shared.py also puts the repository root on sys.pat
 )
 
 from stages import loaders
+from stages.common import machine_cores
 from stages.models import create_model, pick_device
 from stages.tensors import SplitDataset, read_meta
 
@@ -168,7 +169,7 @@ def main() -> None:
     """Generate the JPEGs, index them, and print one table per image size."""
     device = pick_device()
     cuda = device.type == "cuda"
-    cores = loaders.machine_cores()
+    cores = machine_cores()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=12000 if cuda else 400,
                         help="JPEGs to generate (20%% go to val)")

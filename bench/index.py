@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages import index  # noqa: E402
+from stages.common import processes  # noqa: E402
 
 
 def write_images(raw: Path, start: int, count: int, size: int, classes: int = 10) -> None:
@@ -40,9 +41,8 @@ def write_images(raw: Path, start: int, count: int, size: int, classes: int = 10
 def timed(repo: Path, cache: dict, workers: int) -> tuple[float, dict]:
     """Seconds for one index of repo/data/raw, and its summary."""
     start = time.perf_counter()
-    _, _, summary = index.build_manifest(index.RAW, 0.2, index.read_settings(
-        {"index": {"val_fraction": 0.2}, "mlflow": {"experiment": "b"}}).max_pixels,
-        workers, {}, cache)
+    _, _, summary = index.build_manifest(index.RAW, 0.2, index.pixel_limit(None), workers, {},
+                                         cache)
     return time.perf_counter() - start, summary
 
 
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
     args = parser.parse_args()
-    workers = args.workers or index.read_settings(
-        {"index": {"val_fraction": 0.2}, "mlflow": {"experiment": "b"}}).workers
+    workers = processes(args.workers)
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages import train as ours  # noqa: E402
 from stages.models import amp_dtype, create_model  # noqa: E402
+from stages.params import Train  # noqa: E402
 
 CLASSES = 10
 
@@ -168,7 +169,7 @@ def make_step(model_name: str, meta: dict[str, Any], device: torch.device, trans
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     return ours.Step(model, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), device, meta,
-                     flip=False, translate=translate)
+                     Train(translate=translate))
 
 
 def stage_epoch(step: ours.Step, loader: Any, sampler: Any, epoch: int) -> ours.EpochStats:

@@ -54,6 +54,18 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
+def machine_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (taskset, containers), if known."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS and Windows
+
+
+def processes(workers: int) -> int:
+    """A `workers` param as a process count: 0 means one per core."""
+    return workers or machine_cores()
+
+
 def repo_root() -> Path:
     """The real repository root: DVC_ROOT inside `dvc exp run`, else the current directory."""
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()

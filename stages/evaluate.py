@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 
-from stages import plots, serving, tracking
-from stages.common import UserError, cli, load_params, write_csv, write_json
+from stages import params, plots, serving, tracking
+from stages.common import UserError, cli, write_csv, write_json
 from stages.models import load_checkpoint, pick_device, predict
 from stages.tensors import SplitDataset, as_batch, read_meta
 
@@ -219,9 +219,8 @@ def log_run(log: tracking.RunLogger, pipeline: tracking.RunLogger, result: dict[
 @cli
 def main() -> None:
     """Score models/model.pt on the val split, draw the plots, log them to the training run."""
-    params = load_params()
-    settings = params.get("evaluate") or {}
-    top_k, gallery_size = int(settings.get("top_k", 3)), int(settings.get("mistakes", 16))
+    p = params.load()
+    top_k = p.evaluate.top_k
     model, checkpoint = load_checkpoint(MODEL)
     meta = read_meta(TENSORS)
     classes = checkpoint["classes"]
@@ -232,8 +231,7 @@ def main() -> None:
     if len(val) == 0:
         raise UserError("the val split is empty: add images or raise index.val_fraction")
     device = pick_device()
-    loader = torch.utils.data.DataLoader(val, batch_size=int(params["train"]["batch_size"]),
-                                         collate_fn=as_batch)
+    loader = torch.utils.data.DataLoader(val, batch_size=p.train.batch_size, collate_fn=as_batch)
     logits, labels = predict(model.to(device), loader, device, meta)
 
     result = score(logits, labels, classes, top_k)
@@ -250,19 +248,18 @@ def main() -> None:
     if paths is None:
         print(f"note: {MANIFEST} does not match the val tensors; gallery shows stored pixels")
     pngs = draw(result, matrix, classes,
-                gallery(logits, labels, classes, meta, gallery_size, paths), PLOTS)
+                gallery(logits, labels, classes, meta, p.evaluate.mistakes, paths), PLOTS)
     report = summary(result, matrix, classes)
     example = serving.example_image(paths[0] if paths else None,
                                     thumbnail(None, val.read(np.array([0]))[0], meta))
 
-    experiment = params.get("mlflow", {}).get("experiment", "imgpipe")
-    with tracking.stage_run(experiment, "evaluate", {}, meta["data_version"],
+    with tracking.stage_run(p.mlflow.experiment, "evaluate", {}, meta["data_version"],
                             model_run=checkpoint.get("run_id")) as run:
         log = tracking.RunLogger(run.info.run_id)
         pipeline = tracking.RunLogger(tracking.pipeline_run_id())
         log_run(log, pipeline, result, report, pngs)
         serving.log_model(log, MODEL, example, max(1, min(top_k, len(classes))),
-                          params["train"].get("register_as"))
+                          p.train.register_as)
     for logger in (log, pipeline):
         if logger.unlogged():
             print(f"warning: {logger.unlogged()}")

@@ -32,16 +32,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from stages import tracking
-from stages.common import (
-    UserError,
-    atomic_path,
-    cache_root,
-    cli,
-    load_params,
-    write_csv,
-    write_json,
-)
+from stages import params, tracking
+from stages.common import UserError, atomic_path, cache_root, cli, processes, write_csv, write_json
 from stages.imaging import IMAGE_EXTENSIONS, to_rgb
 
 RAW = Path("data/raw")
@@ -56,58 +48,6 @@ FACTS = ("bytes", "width", "height", "reason")
 LAYOUT = "data/raw/<class>/<image>"
 HIDDEN = "hidden (name starts with '.')"
 SUMMARY_CLASSES = 30  # the summary lists at most this many classes
-
-
-# ---------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class Settings:
-    """The params the index stage reads, checked."""
-
-    val_fraction: float
-    max_pixels: int
-    workers: int
-    experiment: str
-
-
-def read_settings(params: dict[str, Any]) -> Settings:
-    """Check the index params; a bad value is a one-line error that names the key."""
-    from PIL import Image
-
-    index = params.get("index")
-    if not isinstance(index, dict):
-        raise UserError("params.yaml has no `index:` section: add one with `val_fraction: 0.2`")
-    fraction = index.get("val_fraction")
-    if not _is_number(fraction) or not 0 <= fraction < 1:
-        raise UserError(f"index.val_fraction in params.yaml is {fraction!r}: "
-                        "use a number from 0 up to (not including) 1, e.g. 0.2")
-    max_pixels = index.get("max_pixels")
-    if max_pixels is None:
-        max_pixels = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb limit
-    elif not _is_number(max_pixels) or max_pixels < 1 or max_pixels != int(max_pixels):
-        raise UserError(f"index.max_pixels in params.yaml is {max_pixels!r}: "
-                        "use a whole number of pixels, or null for Pillow's limit")
-    workers = params.get("workers")
-    if workers is not None and (not _is_number(workers) or workers < 0
-                                or workers != int(workers)):
-        raise UserError(f"workers in params.yaml is {workers!r}: "
-                        "use a whole number of processes, or 0 for one per CPU core")
-    experiment = (params.get("mlflow") or {}).get("experiment")
-    if not experiment:
-        raise UserError("params.yaml has no mlflow.experiment: add `mlflow: {experiment: imgpipe}`")
-    return Settings(float(fraction), int(max_pixels), int(workers or 0) or _cpu_count(),
-                    str(experiment))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- walking the tree
@@ -238,6 +178,13 @@ def _shown(path: str) -> str:
 
 
 # ---------------------------------------------------------------- checking one file
+
+def pixel_limit(max_pixels: int | None) -> int:
+    """index.max_pixels, where null means Pillow's own decompression-bomb limit."""
+    from PIL import Image
+
+    return max_pixels or Image.MAX_IMAGE_PIXELS
+
 
 def check_file(path: str, max_pixels: int, known: Collection[str] = ()) -> dict[str, Any]:
     """Hash one file and, unless its hash is `known`, decode it: its facts, or why to reject it."""
@@ -563,28 +510,28 @@ def save_cache(cache: dict[str, Any]) -> None:
 @cli
 def main() -> None:
     """Index data/raw into data/manifest.csv and data/rejects.csv."""
-    params = load_params()
-    settings = read_settings(params)
+    p = params.load()
+    max_pixels = pixel_limit(p.index.max_pixels)
+    workers = processes(p.workers)
     tracking.check_reachable(tracking.tracking_uri())  # fail before the work, not after
 
-    cache = load_cache(settings.max_pixels)
-    history = read_previous_splits(settings.val_fraction)
-    manifest, rejects, summary = build_manifest(RAW, settings.val_fraction, settings.max_pixels,
-                                                settings.workers, history, cache)
+    cache = load_cache(max_pixels)
+    history = read_previous_splits(p.index.val_fraction)
+    manifest, rejects, summary = build_manifest(RAW, p.index.val_fraction, max_pixels,
+                                                workers, history, cache)
     save_cache(cache)
     write_csv(REJECTS, rejects)
     require_classes(summary)
     write_csv(MANIFEST, manifest)
     # Keep images that left the tree too: if they come back, they return to their split.
-    write_json(SPLITS, {"val_fraction": settings.val_fraction,
+    write_json(SPLITS, {"val_fraction": p.index.val_fraction,
                         "splits": history | dict(zip(manifest["sha256"], manifest["split"]))})
     summary["data_version"] = tracking.file_digest(MANIFEST)
     write_json(METRICS, summary)
     print_summary(summary)
 
-    logged = {"index": {**params["index"], "max_pixels": settings.max_pixels},
-              "workers": settings.workers}
-    with tracking.stage_run(settings.experiment, "index", logged, summary["data_version"]):
+    logged = {"index": p.index.model_dump() | {"max_pixels": max_pixels}, "workers": workers}
+    with tracking.stage_run(p.mlflow.experiment, "index", logged, summary["data_version"]):
         import mlflow
 
         mlflow.log_metrics({k: summary[k] for k in ("images", "classes", "train", "val",

@@ -12,17 +12,19 @@ on whole batches on the device, drawn per image, so no worker touches an image.
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.common import UserError
+from stages.common import machine_cores
 from stages.tensors import NumberedBatches, RingDataset, SplitDataset, as_batch
+
+if TYPE_CHECKING:
+    from stages.params import Train
 
 MAX_AUTO_WORKERS = 8  # past this, more workers only add shared memory and start-up time
 
@@ -85,38 +87,17 @@ class DeviceLoader:
             yield self.x[batch], self.y[batch]
 
 
-def keep_on_device(setting: Any, device: torch.device, nbytes: int) -> bool:
+def keep_on_device(setting: Literal["auto"] | bool, device: torch.device, nbytes: int) -> bool:
     """Decide train.data_on_device: `auto` keeps the split on a GPU when it takes < 1/4 of it."""
-    if setting in (True, "true"):
-        return True
-    if setting in (False, "false"):
-        return False
     if setting != "auto":
-        raise UserError(f"train.data_on_device is {setting!r}: use auto, true or false")
+        return setting
     if device.type != "cuda":
         return False  # the DataLoader already reads from RAM (page cache) on a CPU
     free, _total = torch.cuda.mem_get_info(device)
     return nbytes < free / 4
 
 
-def machine_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask (taskset, containers), if known."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def parse_workers(setting: Any) -> int | None:
-    """train.workers as written: a number (0 or more) as given, None for auto; else a UserError."""
-    if isinstance(setting, str) and setting == "auto":
-        return None
-    if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0:
-        return setting
-    raise UserError(f"train.workers is {setting!r}: use auto, or a number of DataLoader "
-                    "worker processes (0 loads in the main process)")
-
-
-def loader_workers(setting: Any, device: torch.device, processes: int = 1,
+def loader_workers(setting: Literal["auto"] | int, device: torch.device, processes: int = 1,
                    cores: int | None = None) -> int:
     """DataLoader workers for streamed data: an explicit train.workers, or what `auto` means here.
 
@@ -127,9 +108,8 @@ def loader_workers(setting: Any, device: torch.device, processes: int = 1,
     the data wait of an H200 under 5% at 224 px; the other cores are left to the
     main process, its pin-memory thread and the step's own CPU work.
     """
-    workers = parse_workers(setting)
-    if workers is not None:
-        return workers
+    if setting != "auto":
+        return setting
     if device.type != "cuda":
         return 0
     share = (cores if cores is not None else machine_cores()) // max(1, processes)
@@ -138,13 +118,13 @@ def loader_workers(setting: Any, device: torch.device, processes: int = 1,
 
 # ---------------------------------------------------------------- augmentation
 
-def augment(x: torch.Tensor, flip: bool, translate: int) -> torch.Tensor:
-    """Random horizontal flip and translation, drawn per image, on a whole batch on its device."""
-    if flip:
+def augment(x: torch.Tensor, settings: Train) -> torch.Tensor:
+    """train.flip and train.translate, drawn per image, on a whole batch on its device."""
+    if settings.flip:
         flipped = torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
-    if translate > 0:
-        x = random_translate(x, translate)
+    if settings.translate > 0:
+        x = random_translate(x, settings.translate)
     return x
 
 

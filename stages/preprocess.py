@@ -39,16 +39,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import tracking
-from stages.common import UserError, atomic_path, cache_root, cli, load_params, write_json
-from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, load_pixels
+from stages import params, tracking
+from stages.common import UserError, atomic_path, cache_root, cli, processes, write_json
+from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, load_pixels
 from stages.tensors import SHARD_MB, SPLITS, plan_shards
 
 MANIFEST = Path("data/manifest.csv")
 OUT = Path("data/tensors")
 METRICS = Path("metrics/preprocess.json")
-NORMALIZE_MODES = ("dataset", "imagenet")
-STORAGES = ("float16", "uint8")
 PIXELS_VERSION = 2          # bump when the cache entry format changes
 DEFAULT_CACHE_GB = 10.0
 SUMS = np.dtype("<i8")      # per-channel sum and sum of squares, stored after the pixels
@@ -354,43 +352,26 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
             "mean": mean, "std": std}
 
 
-def check_params(size: int, resize: str, normalize: str, storage: str,
-                 shard_mb: float = SHARD_MB) -> None:
-    """Refuse unknown resize, normalize, storage or shard settings in one line each."""
-    if resize not in RESIZE_MODES:
-        raise UserError(f"preprocess.resize in params.yaml is {resize!r}: use squash or crop")
-    if normalize not in NORMALIZE_MODES:
-        raise UserError(f"preprocess.normalize is {normalize!r}: use dataset or imagenet")
-    if storage not in STORAGES:
-        raise UserError(f"preprocess.storage is {storage!r}: use float16 or uint8")
-    if size < 1:
-        raise UserError(f"preprocess.image_size is {size}: use a positive number of pixels")
-    if not (isinstance(shard_mb, (int, float)) and shard_mb > 0):
-        raise UserError(f"preprocess.shard_mb is {shard_mb!r}: use a positive size in MB, like 4")
-
-
 @cli
 def main() -> None:
     """Turn data/manifest.csv into data/tensors/."""
-    params = load_params()
-    p = params["preprocess"]
-    size, resize, normalize = int(p["image_size"]), p["resize"], p["normalize"]
-    storage, shard_mb = p.get("storage", "float16"), p.get("shard_mb", SHARD_MB)
-    check_params(size, resize, normalize, storage, shard_mb)
+    p = params.load()
     cache_cap_bytes()  # a bad IMGPIPE_CACHE_GB fails now, not after the work
-    workers = int(params.get("workers") or 0) or os.cpu_count() or 1
+    workers = processes(p.workers)
     try:
         manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     except FileNotFoundError:
         raise UserError(f"{MANIFEST} not found: run `dvc repro index` first") from None
     data_version = tracking.file_digest(MANIFEST)
 
-    with tracking.stage_run(params["mlflow"]["experiment"], "preprocess",
-                            {"preprocess": p, "workers": workers}, data_version):
+    settings = p.preprocess
+    with tracking.stage_run(p.mlflow.experiment, "preprocess",
+                            {"preprocess": settings.model_dump(), "workers": workers},
+                            data_version):
         import mlflow
 
-        stats = preprocess(manifest, size, resize, normalize, workers, OUT, data_version,
-                           storage, shard_mb)
+        stats = preprocess(manifest, settings.image_size, settings.resize, settings.normalize,
+                           workers, OUT, data_version, settings.storage, settings.shard_mb)
         write_json(METRICS, stats)
         mlflow.log_metrics({k: v for k, v in stats.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})

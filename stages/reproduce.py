@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from stages import params
 from stages.common import PARAMS_FILE, UserError, cli
 from stages.tracking import check_reachable, flatten, tracking_uri
 
@@ -253,7 +254,11 @@ def restore(source: Source) -> None:
 def check_params(run: Any, rev: str) -> None:
     """Refuse when `rev`'s params.yaml does not hold what the run logged (uncommitted params)."""
     at_rev = yaml.safe_load(git("show", f"{rev}:{PARAMS_FILE}")) or {}
-    held = {k: str(v) for k, v in flatten(at_rev).items()}  # str(): how MLflow logs a param
+    try:  # as the stages logged them: typed by the schema, then str()
+        typed = params.flat_values(params.parse(at_rev))
+    except UserError:  # a commit from before the schema, or with other keys
+        typed = flatten(at_rev)
+    held = {k: str(v) for k, v in typed.items()}
     differ = [f"{k}: {v} in the run, {held[k]} at {rev[:7]}"
               for k, v in sorted(run.data.params.items()) if k in held and held[k] != v]
     if differ:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.common import UserError, load_params, repo_root
+from stages.common import UserError, repo_root
 
 try:
     import fcntl
@@ -40,13 +40,23 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the sqlite store at the repository root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    """MLFLOW_TRACKING_URI if set, else the sqlite store at the repository root.
+
+    A relative sqlite path (`sqlite:///m.db`, MLflow's documented form) is taken from
+    the repository root, DVC_ROOT included, so that queued experiments share the store.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        return f"sqlite:///{repo_root() / db}"
+    return uri
 
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// tracking URI, or None for any other store."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])  # ?timeout=... options
 
 
 def check_reachable(uri: str) -> None:
@@ -109,9 +119,9 @@ def connect(experiment: str) -> str:
     # Creating the store and the experiment happens once per store, under the lock;
     # after that, MLflow's own 20 s sqlite busy timeout covers parallel writers.
     with store_lock(db):
-        if db is not None:
-            _use_wal(db)
         try:
+            if db is not None:
+                _use_wal(db)
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
                 return found.experiment_id
@@ -120,12 +130,13 @@ def connect(experiment: str) -> str:
                 # Absolute, so that runs from `dvc exp run --temp` keep their artifacts.
                 location = (db.parent / ARTIFACTS_DIR).as_uri()
             return mlflow.create_experiment(experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException as err:
-            found = mlflow.get_experiment_by_name(experiment)
-            if found is not None:  # another process (without the lock: a server) made it
-                return found.experiment_id
-            raise UserError(f"MLflow store {uri} cannot be used: "
-                            f"{str(err).splitlines()[0]}") from None
+        except Exception as err:  # noqa: BLE001 - any store that fails here fails the same way
+            with contextlib.suppress(Exception):
+                found = mlflow.get_experiment_by_name(experiment)
+                if found is not None:  # another process (without the lock: a server) made it
+                    return found.experiment_id
+            raise UserError(f"MLflow store {uri} cannot be used ({_reason(err)}): fix "
+                            "MLFLOW_TRACKING_URI, or unset it to use the local store") from None
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
@@ -172,9 +183,11 @@ def run_tags(stage: str, data_version: str | None) -> dict[str, str]:
 
 
 def all_params() -> dict[str, Any]:
-    """Every param in params.yaml, or none when there is no readable params.yaml."""
+    """Every param of params.yaml by dotted name, or none when it is missing or invalid."""
+    from stages import params
+
     try:
-        return load_params()
+        return params.flat_values(params.load())
     except UserError:
         return {}
 
@@ -234,7 +247,7 @@ def find_or_create_pipeline_run(experiment_id: str, data_version: str | None) ->
         run = client.create_run(experiment_id, tags=tags, run_name=pipeline_run_name())
         # log_batch splits the params into batches of MLflow's maximum itself.
         client.log_batch(run.info.run_id,
-                         params=[Param(k, str(v)) for k, v in flatten(params).items()])
+                         params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
 

@@ -43,16 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages import tracking
-from stages.common import (
-    UserError,
-    atomic_path,
-    cache_root,
-    cli,
-    load_params,
-    write_csv,
-    write_json,
-)
+from stages import params, tracking
+from stages.common import UserError, atomic_path, cache_root, cli, write_csv, write_json
 from stages.loaders import (
     DeviceLoader,
     augment,
@@ -60,7 +52,6 @@ from stages.loaders import (
     loader_workers,
     make_loader,
     make_sampler,
-    parse_workers,
 )
 from stages.models import (
     MEMORY_FORMAT,
@@ -80,9 +71,6 @@ DETAILS = Path("metrics/train_details.json")
 HEADLINE = ("best_epoch", "epochs", "val_loss", "val_acc")
 EPOCHS_LOG = Path("metrics/epochs.csv")
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths change
-# Params that change how a run goes, not what it computes: changing them keeps the checkpoint.
-RESUME_SAFE = ("workers", "log_every", "register_as")
-SCHEDULES = ("cosine", "onecycle", "constant")
 # Steps timed apart at the start of every epoch: cuDNN autotuning, CUDA start-up and loader
 # workers starting make them slow, and images_per_second is logged over the steps after them.
 WARMUP_STEPS = 5
@@ -155,17 +143,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- optimisation
 
-def make_optimizer(p: dict[str, Any], model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(t: params.Train, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """SGD (momentum, optionally Nesterov) or AdamW, from params.yaml train.*."""
-    name, decay = p.get("optimizer", "sgd"), float(p.get("weight_decay", 0.0))
-    if name == "sgd":
-        momentum = float(p.get("momentum", 0.9))
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                               nesterov=bool(p.get("nesterov", True)) and momentum > 0,
-                               weight_decay=decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
-    raise UserError(f"train.optimizer in params.yaml is {name!r}: use sgd or adamw")
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum,
+                               nesterov=t.nesterov and t.momentum > 0,
+                               weight_decay=t.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -178,29 +162,24 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_scheduler(p: dict[str, Any], optimizer: torch.optim.Optimizer, lr: float,
-                   steps_per_epoch: int, epochs: int) -> Any:
-    """The lr schedule of train.schedule, stepped once per batch."""
-    schedule = p.get("schedule", "cosine")
-    total = max(1, steps_per_epoch * epochs)
-    warmup = min(total, int(round(float(p.get("warmup_epochs", 0)) * steps_per_epoch)))
-    if schedule == "onecycle":
+def make_scheduler(t: params.Train, optimizer: torch.optim.Optimizer, lr: float,
+                   steps_per_epoch: int) -> Any:
+    """The lr schedule of train.schedule over train.epochs, stepped once per batch."""
+    total = max(1, steps_per_epoch * t.epochs)
+    warmup = min(total, int(round(t.warmup_epochs * steps_per_epoch)))
+    if t.schedule == "onecycle":
         # Rises for the warmup (or 30% of the run when no warmup is set), then anneals.
         pct = warmup / total if warmup else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total,
                                                    pct_start=min(max(pct, 1e-3), 0.99))
-    if schedule not in SCHEDULES:
-        raise UserError(f"train.schedule is {schedule!r}: use one of {', '.join(SCHEDULES)}")
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, schedule))
+        optimizer, lambda step: lr_factor(step, total, warmup, t.schedule))
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
     """None, or `balanced` loss weights n / (classes * count): rare classes count for more."""
-    if mode in (None, "none"):
+    if mode == "none":
         return None
-    if mode != "balanced":
-        raise UserError(f"train.class_weights is {mode!r}: use none or balanced")
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
     return torch.tensor(weights, dtype=torch.float32)
@@ -242,11 +221,14 @@ class EarlyStopping:
 
 # ---------------------------------------------------------------- checkpoints
 
-def fingerprint(params: dict[str, Any], meta: dict[str, Any], world: int) -> str:
-    """What a checkpoint is valid for: the params, data and hardware that shape the weights."""
-    train = {k: v for k, v in params["train"].items() if k not in RESUME_SAFE}
+def fingerprint(p: params.Params, meta: dict[str, Any], world: int) -> str:
+    """What a checkpoint is valid for: the params, data and hardware that shape the weights.
+
+    The params are those that rerun the train stage (params.stage_params): a key that
+    only changes how the run goes, like train.log_every, keeps the checkpoint valid.
+    """
     device = pick_device()
-    keyed = {"version": CHECKPOINT_VERSION, "lr": params["lr"], "train": train,
+    keyed = {"version": CHECKPOINT_VERSION, "params": params.values(p, "train"),
              "data": meta, "processes": world, "device": device.type,
              "precision": str(amp_dtype(device))}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -293,9 +275,7 @@ class Step:
     loss_fn: nn.Module
     device: torch.device
     meta: dict[str, Any]
-    flip: bool = False
-    translate: int = 0
-    clip: float | None = None
+    settings: params.Train  # augmentation, gradient clipping
 
 
 @dataclass
@@ -360,7 +340,7 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
         ready = time.perf_counter()
         x, y = next(batches)
         waited += time.perf_counter() - ready
-        x = augment(to_device(x, s.device, s.meta), s.flip, s.translate)
+        x = augment(to_device(x, s.device, s.meta), s.settings)
         x = x.contiguous(memory_format=MEMORY_FORMAT)
         y = y.to(s.device, non_blocking=True)
 
@@ -369,9 +349,9 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
             out = s.model(x)
             loss = s.loss_fn(out, y)
         s.scaler.scale(loss).backward()
-        if s.clip:
+        if s.settings.clip_grad_norm:
             s.scaler.unscale_(s.optimizer)
-            nn.utils.clip_grad_norm_(s.model.parameters(), s.clip)
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.settings.clip_grad_norm)
         s.scaler.step(s.optimizer)
         s.scaler.update()
         s.scheduler.step()
@@ -444,38 +424,23 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
 
 # ---------------------------------------------------------------- the stage
 
-def check_params(p: dict[str, Any], meta: dict[str, Any], world: int) -> None:
-    """Fail in one line, before any work, on train params that cannot work."""
-    if int(p["epochs"]) < 1:
-        raise UserError(f"train.epochs is {p['epochs']}: train for at least one epoch")
-    if int(p["batch_size"]) < world:
-        raise UserError(f"train.batch_size {p['batch_size']} is smaller than the number of "
+def check_fits(t: params.Train, meta: dict[str, Any], world: int) -> None:
+    """Fail in one line, before any work, on train params the data or processes rule out."""
+    if t.batch_size < world:
+        raise UserError(f"train.batch_size {t.batch_size} is smaller than the number of "
                         f"processes ({world})")
-    translate = int(p.get("translate") or 0)
-    if not 0 <= translate < int(meta["image_size"]):
-        raise UserError(f"train.translate is {translate} pixels: use 0 (off) up to "
+    if not t.translate < int(meta["image_size"]):
+        raise UserError(f"train.translate is {t.translate} pixels: use 0 (off) up to "
                         f"{int(meta['image_size']) - 1}, below the image size")
-    if p.get("schedule", "cosine") not in SCHEDULES:
-        raise UserError(f"train.schedule is {p['schedule']!r}: use one of {', '.join(SCHEDULES)}")
-    if p.get("optimizer", "sgd") not in ("sgd", "adamw"):
-        raise UserError(f"train.optimizer in params.yaml is {p['optimizer']!r}: use sgd or adamw")
-    if p.get("class_weights", "none") not in (None, "none", "balanced"):
-        raise UserError(f"train.class_weights is {p['class_weights']!r}: use none or balanced")
-    if p.get("data_on_device", "auto") not in ("auto", True, False, "true", "false"):
-        raise UserError(f"train.data_on_device is {p['data_on_device']!r}: "
-                        "use auto, true or false")
-    parse_workers(p.get("workers", "auto"))
 
 
-def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
+def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
           resume: dict[str, Any] | None = None, shard: Dist = Dist()) -> dict[str, Any] | None:
     """Fit the model of params; rank 0 writes the model, epoch log, metrics and checkpoints."""
-    p = params["train"]
-    check_params(p, meta, shard.world)
-    lr, epochs = float(params["lr"]), int(p["epochs"])
-    seed, log_every = int(p["seed"]), max(1, int(p.get("log_every", 10)))
-    batch_size = int(p["batch_size"]) // shard.world  # batch_size is the total over processes
-    translate = int(p.get("translate") or 0)
+    t = p.train
+    check_fits(t, meta, shard.world)
+    lr, epochs, seed = p.lr, t.epochs, t.seed
+    batch_size = t.batch_size // shard.world  # batch_size is the total over processes
     seed_everything(seed + shard.rank)  # DDP copies rank 0's initial weights to every rank
     device = pick_device(shard.local_rank)
     cuda = device.type == "cuda"
@@ -485,8 +450,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
 
     train_set, val_set = SplitDataset(TENSORS, "train"), SplitDataset(TENSORS, "val")
     sampler = make_sampler(train_set, seed, shard.rank, shard.world)
-    on_device = keep_on_device(p.get("data_on_device", "auto"), device,
-                               train_set.nbytes + val_set.nbytes)
+    on_device = keep_on_device(t.data_on_device, device, train_set.nbytes + val_set.nbytes)
     # Seeds the loader workers; its own generator, so loaders never draw from torch's global one.
     generator = torch.Generator().manual_seed(seed + shard.rank)
     if on_device:  # no workers: a batch is an index lookup on the device
@@ -494,33 +458,31 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
         val_loader: Any = DeviceLoader(val_set, batch_size, range(len(val_set)), device)
         feed = "data on the device"
     else:
-        setting = p.get("workers", "auto")
-        workers = loader_workers(setting, device, shard.local_world)
+        workers = loader_workers(t.workers, device, shard.local_world)
         train_loader = make_loader(train_set, batch_size, workers, sampler, device, generator)
         val_loader = make_loader(val_set, batch_size, 0, None, device, torch.Generator())
         feed = (f"data streamed, {workers} worker{'' if workers == 1 else 's'}"
-                f"{' (auto)' if parse_workers(setting) is None else ''}")
+                f"{' (auto)' if t.workers == 'auto' else ''}")
 
     classes = meta["classes"]
-    net = create_model(p["model"], len(classes),
-                       pretrained=None if resume else p.get("pretrained")).to(device)
+    net = create_model(t.model, len(classes),
+                       pretrained=None if resume else t.pretrained).to(device)
     if resume:
         net.load_state_dict(resume["model"])
     model: nn.Module = net
     if shard.world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
-    if p.get("compile"):
+    if t.compile:
         model = torch.compile(model)
 
-    optimizer = make_optimizer(p, net, lr)
-    scheduler = make_scheduler(p, optimizer, lr, len(train_loader), epochs)
+    optimizer = make_optimizer(t, net, lr)
+    scheduler = make_scheduler(t, optimizer, lr, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    weights = class_weights(train_set.labels, len(classes), p.get("class_weights", "none"))
+    weights = class_weights(train_set.labels, len(classes), t.class_weights)
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                  label_smoothing=float(p.get("label_smoothing") or 0.0))
-    step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta,
-                bool(p.get("flip")), translate, float(p.get("clip_grad_norm") or 0) or None)
-    stopper = EarlyStopping(int(p.get("patience") or 0))
+                                  label_smoothing=t.label_smoothing)
+    step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta, t)
+    stopper = EarlyStopping(t.patience)
     history: list[dict[str, Any]] = []
     best_state, start_epoch, global_step = cpu_state(net), 0, 0
     if resume:
@@ -536,7 +498,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
     log = tracking.RunLogger(run.info.run_id) if shard.main else None
     if shard.main:
         where = f"resuming after epoch {start_epoch}" if resume else "starting"
-        print(f"{where}: {p['model']} on {device}"
+        print(f"{where}: {t.model} on {device}"
               f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
               f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
               f"{epochs} epochs, {feed}", flush=True)
@@ -547,7 +509,7 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
             break
         sampler.set_epoch(epoch)
         try:
-            stats = train_epoch(step, train_loader, global_step, log, log_every, shard,
+            stats = train_epoch(step, train_loader, global_step, log, t.log_every, shard,
                                 desc=f"epoch {epoch}/{epochs}")
         except NonFiniteLoss as bad:
             raise UserError(
@@ -594,21 +556,20 @@ def train(params: dict[str, Any], meta: dict[str, Any], run: Any, key: str,
                   f"keeping epoch {stopper.best_epoch}")
     if not shard.main:
         return None
-    return finish(params, meta, run, log, best_state, stopper, history, checkpoint_path(key),
+    return finish(t, meta, run, log, best_state, stopper, history, checkpoint_path(key),
                   device, time.perf_counter() - started)
 
 
-def finish(params: dict[str, Any], meta: dict[str, Any], run: Any, log: Any,
+def finish(t: params.Train, meta: dict[str, Any], run: Any, log: Any,
            best_state: dict[str, torch.Tensor], stopper: EarlyStopping,
            history: list[dict[str, Any]], ckpt: Path, device: torch.device,
            seconds: float) -> dict[str, Any]:
     """Write the best epoch's model and the metrics locally first, then log them to MLflow."""
-    p = params["train"]
     if not all(torch.isfinite(v).all() for v in best_state.values() if v.is_floating_point()):
         raise UserError("the weights hold NaN or inf: lower lr in params.yaml and rerun "
                         "(no model was written)")
     best = next(r for r in history if r["epoch"] == stopper.best_epoch)
-    save_model(MODEL, best_state, meta, {"model": p["model"], "run_id": run.info.run_id,
+    save_model(MODEL, best_state, meta, {"model": t.model, "run_id": run.info.run_id,
                                          "data_version": meta["data_version"],
                                          "epoch": best["epoch"]})
     write_csv(EPOCHS_LOG, pd.DataFrame(history))
@@ -641,26 +602,24 @@ def enable_system_metrics() -> None:
 @cli
 def main() -> None:
     """Train a model on data/tensors/ and write models/model.pt (resuming if a checkpoint fits)."""
-    params = load_params()
-    gpus = int(params["train"].get("gpus") or 1)
-    if gpus > 1 and "LOCAL_RANK" not in os.environ:
-        relaunch_under_torchrun(gpus)
+    p = params.load()
+    if p.train.gpus > 1 and "LOCAL_RANK" not in os.environ:
+        relaunch_under_torchrun(p.train.gpus)
     shard = init_distributed()
     try:
         meta = read_meta(TENSORS)
-        check_params(params["train"], meta, shard.world)
-        key = fingerprint(params, meta, shard.world)
+        check_fits(p.train, meta, shard.world)
+        key = fingerprint(p, meta, shard.world)
         resume = read_checkpoint(checkpoint_path(key), key)
         if not shard.main:
-            train(params, meta, None, key, resume, shard)
+            train(p, meta, None, key, resume, shard)
             return
-        logged = {"lr": params["lr"], "train": params["train"],
+        logged = {"lr": p.lr, "train": p.train.model_dump(),
                   "data": {k: meta[k] for k in ("image_size", "resize", "normalize")}}
         enable_system_metrics()
-        with tracking.stage_run(params["mlflow"]["experiment"], "train", logged,
-                                meta["data_version"],
+        with tracking.stage_run(p.mlflow.experiment, "train", logged, meta["data_version"],
                                 run_id=resume["run_id"] if resume else None) as run:
-            summary = train(params, meta, run, key, resume, shard)
+            summary = train(p, meta, run, key, resume, shard)
         print(f"done: best epoch {summary['best_epoch']}, val accuracy "
               f"{summary['val_acc']:.4f}, model in {MODEL}")
     finally:

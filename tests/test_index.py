@@ -146,8 +146,7 @@ def test_truncated_jpeg_passes_verify_but_is_rejected(corpus):
 def test_decompression_bomb_is_rejected_unread(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(bomb_header_png(60_000, 60_000))  # 3.6 billion pixels claimed in 100 bytes
-    pillow_limit = index.read_settings({"index": {"val_fraction": 0.2, "max_pixels": None},
-                                        "mlflow": {"experiment": "x"}}).max_pixels
+    pillow_limit = index.pixel_limit(None)
     assert pillow_limit == Image.MAX_IMAGE_PIXELS
     facts = index.check_file(str(bomb), pillow_limit)
     assert facts["reason"].startswith("too many pixels: 60000x60000")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import loaders
-from stages.common import UserError
+from stages import loaders, params
+from stages.common import UserError, machine_cores
+from stages.params import Train
 
 # ---------------------------------------------------------------- augmentation
 
@@ -17,13 +18,13 @@ def batch(n: int = 64, size: int = 8) -> torch.Tensor:
 
 def test_augmentation_off_is_identity():
     x = batch()
-    assert torch.equal(loaders.augment(x, flip=False, translate=0), x)
+    assert torch.equal(loaders.augment(x, Train(flip=False, translate=0)), x)
 
 
 def test_flip_is_drawn_per_image():
     torch.manual_seed(0)
     x = batch()
-    out = loaders.augment(x, flip=True, translate=0)
+    out = loaders.augment(x, Train(flip=True, translate=0))
     flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
     kept = [torch.equal(o, i) for o, i in zip(out, x)]
     assert all(f or k for f, k in zip(flipped, kept))  # each image is itself or its mirror
@@ -33,7 +34,7 @@ def test_flip_is_drawn_per_image():
 def test_translate_shifts_each_image_within_bounds():
     torch.manual_seed(0)
     x, pixels = batch(size=8), 2
-    out = loaders.augment(x, flip=False, translate=pixels)
+    out = loaders.augment(x, Train(flip=False, translate=pixels))
     assert out.shape == x.shape and out.dtype == x.dtype
     shifts = set()
     for o, i in zip(out, x):
@@ -58,7 +59,7 @@ def test_auto_workers_follow_the_device_and_the_cores():
     assert loaders.loader_workers("auto", cuda, processes=4, cores=64) == 4
     assert loaders.loader_workers("auto", cuda, processes=8, cores=16) == 1
     assert 1 <= loaders.loader_workers("auto", cuda) <= 8  # this machine's own cores
-    assert loaders.machine_cores() >= 1
+    assert machine_cores() >= 1
 
 
 def test_explicit_workers_win_and_bad_ones_are_refused():
@@ -66,6 +67,7 @@ def test_explicit_workers_win_and_bad_ones_are_refused():
     assert loaders.loader_workers(3, cpu, cores=2) == 3
     assert loaders.loader_workers(0, cuda, cores=64) == 0
     assert loaders.loader_workers(12, cuda, cores=16) == 12  # no cap on a number given
-    for bad in ("four", "4", -1, 2.5, True, None):
-        with pytest.raises(UserError, match=r"train.workers is .*: use auto, or a number"):
-            loaders.loader_workers(bad, cpu)
+    for bad in ("four", "4", -1, 2.5, True, None):  # refused when params.yaml is read
+        with pytest.raises(UserError, match=r"train.workers is .*: use auto or a whole number "
+                                            r">= 0$"):
+            params.parse({"train": {"workers": bad}})

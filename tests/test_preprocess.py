@@ -17,7 +17,7 @@ from PIL import Image
 
 from stages.common import UserError
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
-from stages.preprocess import cache_cap_bytes, check_params, evict, pixel_cache, preprocess
+from stages.preprocess import cache_cap_bytes, evict, pixel_cache, preprocess
 from stages.sample import write_digits
 from stages.tensors import SplitDataset, read_meta, to_device
 
@@ -216,15 +216,7 @@ def test_cache_is_capped_by_evicting_least_recently_used(tmp_path, cache, monkey
     assert not list(cache.rglob("*.u8"))
 
 
-def test_bad_settings_are_one_line_errors(monkeypatch):
-    with pytest.raises(UserError, match="squash or crop"):
-        check_params(8, "stretch", "dataset", "float16")
-    with pytest.raises(UserError, match="dataset or imagenet"):
-        check_params(8, "crop", "batch", "float16")
-    with pytest.raises(UserError, match="float16 or uint8"):
-        check_params(8, "crop", "dataset", "float32")
-    with pytest.raises(UserError, match="shard_mb is 0: use a positive size in MB"):
-        check_params(8, "crop", "dataset", "uint8", 0)
+def test_a_bad_cache_size_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("IMGPIPE_CACHE_GB", "lots")
     with pytest.raises(UserError, match="IMGPIPE_CACHE_GB"):
         cache_cap_bytes()

@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from conftest import BIN, dvc, env, mlflow_runs, set_params
 
+from stages import params
 from stages import train as stage
 from stages.common import UserError
 from stages.models import load_checkpoint
+from stages.params import Train
 from stages.tensors import SplitDataset, read_meta
 
 RESULT_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
@@ -55,12 +56,11 @@ def run_in_process(repo: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, p
 
 # ---------------------------------------------------------------- params
 
-def test_bad_workers_are_refused_before_any_work():
-    train = {"epochs": 1, "batch_size": 8, "workers": "many"}
-    with pytest.raises(UserError, match="train.workers is 'many'"):
-        stage.check_params(train, {"image_size": 8}, 1)
-    stage.check_params({**train, "workers": "auto"}, {"image_size": 8}, 1)
-    stage.check_params({**train, "workers": 2}, {"image_size": 8}, 1)
+def test_batch_size_must_cover_the_processes():
+    with pytest.raises(UserError, match="train.batch_size 2 is smaller than the number of "
+                                        r"processes \(4\)"):
+        stage.check_fits(Train(batch_size=2), {"image_size": 8}, 4)
+    stage.check_fits(Train(batch_size=4), {"image_size": 8}, 4)
 
 
 def test_translate_must_be_below_image_size(clone_built, monkeypatch, capsys):
@@ -83,24 +83,22 @@ def test_lr_schedules():
     assert stage.lr_factor(99, 100, 0, "constant") == 1.0
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = stage.make_scheduler({"schedule": "onecycle", "warmup_epochs": 1}, opt, 0.1, 10, 4)
+    sched = stage.make_scheduler(Train(schedule="onecycle", warmup_epochs=1, epochs=4), opt,
+                                 0.1, 10)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     assert max(lrs) == pytest.approx(0.1, rel=1e-3) and int(np.argmax(lrs)) in (9, 10)
-    with pytest.raises(UserError, match="train.schedule"):
-        stage.make_scheduler({"schedule": "linear"}, opt, 0.1, 10, 4)
 
 
 def test_optimizers():
     model = torch.nn.Linear(2, 2)
-    sgd = stage.make_optimizer({"optimizer": "sgd", "momentum": 0.8, "nesterov": True}, model, 0.1)
+    sgd = stage.make_optimizer(Train(optimizer="sgd", momentum=0.8, nesterov=True), model, 0.1)
     assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"]
-    assert isinstance(stage.make_optimizer({"optimizer": "adamw"}, model, 0.1), torch.optim.AdamW)
-    with pytest.raises(UserError, match="sgd or adamw"):
-        stage.make_optimizer({"optimizer": "lion"}, model, 0.1)
+    assert isinstance(stage.make_optimizer(Train(optimizer="adamw"), model, 0.1),
+                      torch.optim.AdamW)
 
 
 def test_balanced_class_weights():
@@ -122,17 +120,25 @@ def test_early_stopping_keeps_the_best_epoch():
 # ---------------------------------------------------------------- checkpoints
 
 def test_fingerprint_tracks_params_and_data():
-    params = {"lr": 0.05, "train": {"epochs": 3, "workers": 0, "log_every": 10}}
+    p = params.parse({"lr": 0.05, "train": {"epochs": 3, "workers": 0, "log_every": 10}})
     meta = {"data_version": "abc", "image_size": 8}
-    key = stage.fingerprint(params, meta, 1)
-    assert key == stage.fingerprint(params, dict(meta), 1)
-    assert key != stage.fingerprint({**params, "lr": 0.1}, meta, 1)
-    assert key != stage.fingerprint({**params, "train": {**params["train"], "epochs": 4}}, meta, 1)
-    assert key != stage.fingerprint(params, {**meta, "data_version": "abd"}, 1)
-    assert key != stage.fingerprint(params, meta, 2)
-    # How a run goes (workers, logging) does not change what it computes: the checkpoint holds.
-    quiet = {**params, "train": {**params["train"], "workers": 2, "log_every": 50}}
+    key = stage.fingerprint(p, meta, 1)
+    assert key == stage.fingerprint(p, dict(meta), 1)
+    assert key != stage.fingerprint(p.model_copy(update={"lr": 0.1}), meta, 1)
+    assert key != stage.fingerprint(with_train(p, epochs=4), meta, 1)
+    assert key != stage.fingerprint(with_train(p, flip=True), meta, 1)
+    assert key != stage.fingerprint(p, {**meta, "data_version": "abd"}, 1)
+    assert key != stage.fingerprint(p, meta, 2)
+    # How a run goes (workers, logging, registering) does not change what it computes: the
+    # checkpoint holds.
+    quiet = with_train(p, workers=2, log_every=50, register_as="digits")
     assert key == stage.fingerprint(quiet, meta, 1)
+    assert key == stage.fingerprint(p.model_copy(update={"workers": 1}), meta, 1)
+
+
+def with_train(p: params.Params, **changes: object) -> params.Params:
+    """p with some train keys changed."""
+    return p.model_copy(update={"train": p.train.model_copy(update=changes)})
 
 
 def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch, capsys):
@@ -206,11 +212,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(clone_built, tmp_path):
     assert 1 <= killed_at < 4
 
     # The checkpoint is named by, and only ever read back for, its params and data.
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    p = params.load(repo / "params.yaml")
     meta = read_meta(repo / "data/tensors")
-    assert saved[0].name == f"train-{stage.fingerprint(params, meta, 1)}.pt"
-    assert stage.read_checkpoint(saved[0], stage.fingerprint({**params, "lr": 0.07}, meta, 1)) \
-        is None
+    assert saved[0].name == f"train-{stage.fingerprint(p, meta, 1)}.pt"
+    other = p.model_copy(update={"lr": 0.07})
+    assert stage.read_checkpoint(saved[0], stage.fingerprint(other, meta, 1)) is None
 
     out = dvc(repo, "repro", "train").stdout
     assert f"resuming after epoch {killed_at}" in out
@@ -237,10 +243,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(clone_built, tmp_path):
 def test_checkpoint_of_other_params_is_not_resumed(clone_built, monkeypatch, capsys):
     repo = clone_built()
     meta = read_meta(repo / "data/tensors")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    p = params.load(repo / "params.yaml")
     # A checkpoint left by a killed run with another lr, as if renamed to this run's name.
-    old = stage.fingerprint({**params, "lr": 0.5}, meta, 1)
-    path = repo / ".cache/imgpipe/checkpoints" / f"train-{stage.fingerprint(params, meta, 1)}.pt"
+    old = stage.fingerprint(p.model_copy(update={"lr": 0.5}), meta, 1)
+    path = repo / ".cache/imgpipe/checkpoints" / f"train-{stage.fingerprint(p, meta, 1)}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"fingerprint": old, "epoch": 1, "run_id": "x"}, path)
     summary, epochs = run_in_process(repo, monkeypatch)
