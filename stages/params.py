@@ -117,6 +117,13 @@ class Train(Section):
                                                       "`null`: off")
     class_weights: Literal["none", "balanced"] = knob(
         "none", "`balanced` weighs the loss by inverse class frequency")
+    head_first: bool = knob(True, "with pretrained weights: fit the new head on the frozen "
+                                  "backbone's features first (a linear probe, kept as epoch 0 "
+                                  "if no later epoch beats it), then fine-tune the whole net")
+    backbone_lr: float = knob(0.1, "with pretrained weights: their lr as a multiple of `lr` "
+                                   "(`0` freezes them: only the head trains)", ge=0, le=1)
+    freeze_bn: bool = knob(True, "with pretrained weights: batch norm keeps its pretrained "
+                                 "statistics while the net is fine-tuned")
     patience: int = knob(5, "epochs without a lower val loss before stopping (`0`: never); the "
                             "model is always the epoch with the lowest val loss", ge=0)
     flip: bool = knob(False, "random horizontal flip (off for digits and text)")

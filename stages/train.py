@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages import params, tracking
+from stages import finetune, params, tracking
 from stages.common import UserError, atomic_path, cache_root, cli, write_csv, write_json
 from stages.loaders import (
     DeviceLoader,
@@ -58,6 +58,7 @@ from stages.models import (
     amp_dtype,
     autocast,
     create_model,
+    load_pretrained,
     pick_device,
     predict,
 )
@@ -143,13 +144,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- optimisation
 
-def make_optimizer(t: params.Train, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum, optionally Nesterov) or AdamW, from params.yaml train.*."""
+def make_optimizer(t: params.Train, parameters: Any, lr: float) -> torch.optim.Optimizer:
+    """SGD (momentum, optionally Nesterov) or AdamW, from params.yaml train.*.
+
+    parameters: the model's parameters, or param groups with lrs of their own.
+    """
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum,
+        return torch.optim.SGD(parameters, lr=lr, momentum=t.momentum,
                                nesterov=t.nesterov and t.momentum > 0,
                                weight_decay=t.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=t.weight_decay)
+
+
+def param_groups(net: nn.Module, head: nn.Module | None, lr: float, t: params.Train,
+                 pretrained: bool) -> list[dict[str, Any]]:
+    """One group at lr; with pretrained weights, those at lr * train.backbone_lr (0: frozen)."""
+    if not pretrained:
+        return [{"params": list(net.parameters()), "lr": lr}]
+    backbone, new = finetune.split_parameters(net, head)
+    if t.backbone_lr == 0:
+        for weight in backbone:
+            weight.requires_grad_(False)
+        return [{"params": new, "lr": lr}]
+    return [g for g in ({"params": backbone, "lr": lr * t.backbone_lr},
+                        {"params": new, "lr": lr}) if g["params"]]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -170,8 +188,9 @@ def make_scheduler(t: params.Train, optimizer: torch.optim.Optimizer, lr: float,
     if t.schedule == "onecycle":
         # Rises for the warmup (or 30% of the run when no warmup is set), then anneals.
         pct = warmup / total if warmup else 0.3
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total,
-                                                   pct_start=min(max(pct, 1e-3), 0.99))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+            pct_start=min(max(pct, 1e-3), 0.99))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, t.schedule))
 
@@ -276,6 +295,7 @@ class Step:
     device: torch.device
     meta: dict[str, Any]
     settings: params.Train  # augmentation, gradient clipping
+    freeze_bn: bool = False  # batch norm keeps its (pretrained) statistics
 
 
 @dataclass
@@ -327,7 +347,7 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
     stall a GPU's queue. The first WARMUP_STEPS steps (at most half the epoch) are
     timed apart, so that the steady rate can be compared across runs and epochs.
     """
-    s.model.train()
+    finetune.train_mode(s.model, s.freeze_bn)
     total_loss = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     pending: list[torch.Tensor] = []  # unchecked losses: .item() every step would stall a GPU
@@ -387,6 +407,29 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
     return EpochStats(total / max(images, 1), right / max(images, 1), int(images),
                       len(loader), seconds, waited / max(seconds, 1e-9),
                       warm_seconds, int(warm_images))
+
+
+def head_first(net: nn.Module, head: nn.Linear, train_loader: Any, val_loader: Any,
+               loss_fn: nn.Module, device: torch.device, meta: dict[str, Any],
+               weights: torch.Tensor | None) -> dict[str, Any]:
+    """Fit the new head on the frozen backbone's features (stages/finetune.py): epoch 0's row."""
+    started = time.perf_counter()
+
+    def to_input(x: torch.Tensor) -> torch.Tensor:
+        return to_device(x, device, meta)
+
+    train = finetune.head_inputs(net, head, train_loader, device, to_input)
+    val = finetune.head_inputs(net, head, val_loader, device, to_input)
+    fitted = finetune.fit_head(head, train, val, weights)
+    val_loss, val_acc = evaluate(net, val_loader, loss_fn, device, meta)
+    seconds = time.perf_counter() - started
+    print(f"epoch   0     the new head on frozen features (L2 {fitted['head_l2']:g}): "
+          f"train loss {fitted['train_loss']:.4f} acc {fitted['train_acc']:.4f}  "
+          f"val loss {val_loss:.4f} acc {val_acc:.4f}  in {seconds:.1f} s", flush=True)
+    return {"epoch": 0, "train_loss": fitted["train_loss"], "train_acc": fitted["train_acc"],
+            "val_loss": val_loss, "val_acc": val_acc, "lr": 0.0, "epoch_seconds": seconds,
+            "warmup_seconds": 0.0, "images_per_second": len(train[1]) / seconds,
+            "data_wait": 0.0}
 
 
 def evaluate(model: nn.Module, loader: Any, loss_fn: nn.Module, device: torch.device,
@@ -465,26 +508,55 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
                 f"{' (auto)' if t.workers == 'auto' else ''}")
 
     classes = meta["classes"]
-    net = create_model(t.model, len(classes),
-                       pretrained=None if resume else t.pretrained).to(device)
+    net = create_model(t.model, len(classes)).to(device)
+    pretrained = bool(t.pretrained)
+    # Loaded on a resume too: the weights the file lacks are the head (see stages/finetune.py).
+    head = finetune.new_head(net, load_pretrained(net, t.pretrained)) if pretrained else None
     if resume:
         net.load_state_dict(resume["model"])
+    weights = class_weights(train_set.labels, len(classes), t.class_weights)
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                  label_smoothing=t.label_smoothing)
+
+    log = tracking.RunLogger(run.info.run_id) if shard.main else None
+    if shard.main:
+        where = f"resuming after epoch {resume['epoch']}" if resume else "starting"
+        tuning = (f", fine-tuning{' after fitting the head' if head and t.head_first else ''} "
+                  f"(backbone lr x{t.backbone_lr}{', batch norm frozen' if t.freeze_bn else ''})"
+                  if pretrained else "")
+        print(f"{where}: {t.model} on {device}"
+              f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
+              f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
+              f"{epochs} epochs, {feed}{tuning}", flush=True)
+
+    stopper = EarlyStopping(t.patience)
+    history: list[dict[str, Any]] = []
+    if head is not None and t.head_first and not resume:
+        row = None
+        if shard.main:  # before DDP wraps the net: DDP then copies the fitted head to every rank
+            whole = (DeviceLoader(train_set, batch_size, range(len(train_set)), device)
+                     if on_device else
+                     make_loader(train_set, batch_size, 0, None, device, torch.Generator()))
+            row = head_first(net, head, whole, val_loader, loss_fn, device, meta, weights)
+            log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=0)
+        if shard.world > 1:  # every process's early stopping counts from the same epoch 0
+            shared = [row]
+            dist.broadcast_object_list(shared, src=0)
+            row = shared[0]
+        history.append(row)
+        stopper.update(row["val_loss"], 0)
+    best_state, start_epoch, global_step = cpu_state(net), 0, 0
+
     model: nn.Module = net
     if shard.world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
     if t.compile:
         model = torch.compile(model)
-
-    optimizer = make_optimizer(t, net, lr)
+    optimizer = make_optimizer(t, param_groups(net, head, lr, t, pretrained), lr)
     scheduler = make_scheduler(t, optimizer, lr, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    weights = class_weights(train_set.labels, len(classes), t.class_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                  label_smoothing=t.label_smoothing)
-    step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta, t)
-    stopper = EarlyStopping(t.patience)
-    history: list[dict[str, Any]] = []
-    best_state, start_epoch, global_step = cpu_state(net), 0, 0
+    step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta, t,
+                freeze_bn=pretrained and t.freeze_bn)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -494,14 +566,6 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         start_epoch, global_step = resume["epoch"], resume["step"]
         set_rng_state(resume["rng"][shard.rank])
         generator.set_state(resume["rng"][shard.rank]["loader"])
-
-    log = tracking.RunLogger(run.info.run_id) if shard.main else None
-    if shard.main:
-        where = f"resuming after epoch {start_epoch}" if resume else "starting"
-        print(f"{where}: {t.model} on {device}"
-              f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
-              f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
-              f"{epochs} epochs, {feed}", flush=True)
 
     started = time.perf_counter()
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -573,7 +637,7 @@ def finish(t: params.Train, meta: dict[str, Any], run: Any, log: Any,
                                          "data_version": meta["data_version"],
                                          "epoch": best["epoch"]})
     write_csv(EPOCHS_LOG, pd.DataFrame(history))
-    summary = {"best_epoch": best["epoch"], "epochs": len(history)}
+    summary = {"best_epoch": best["epoch"], "epochs": sum(r["epoch"] > 0 for r in history)}
     summary |= {k: best[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
     summary |= {"stopped_early": stopper.stop, "seconds": round(seconds, 2),
                 "device": device.type, "mlflow_run_id": run.info.run_id}

@@ -279,10 +279,11 @@ ERRORS = {
     "no class folders": (no_classes, "found no usable images under data/raw: expected"),
     "one class": (one_class, "found only 1 class with usable images under data/raw ('cat')"),
     "all broken": (all_broken, "no usable images under data/raw; 4 rejected, see data/rejects.csv"),
-    "val_fraction": (bad_params(val_fraction=1.5), "index.val_fraction in params.yaml is 1.5"),
+    "val_fraction": (bad_params(val_fraction=1.5), "params.yaml: index.val_fraction is 1.5: use "
+                                                   "a number >= 0 and < 1"),
     "max_pixels": (bad_params(val_fraction=0.2, max_pixels="lots"),
-                   "index.max_pixels in params.yaml is 'lots'"),
-    "no index section": (params_file("mlflow: {experiment: x}\n"), "no `index:` section"),
+                   "params.yaml: index.max_pixels is 'lots': use a whole number >= 1 or null"),
+    "index not a section": (params_file("index: 0.2\n"), "params.yaml: index must be a section"),
 }
 
 

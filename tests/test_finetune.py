@@ -1,0 +1,106 @@
+"""The fine-tuning recipe: the new head found and fitted first on frozen features, then the
+whole net with a lower backbone lr and batch norm's statistics kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from conftest import dvc, mlflow_runs, set_params
+from torch import nn
+
+from stages import finetune
+from stages import train as stage
+from stages.models import SmallCNN, load_pretrained
+from stages.params import Train
+
+
+@pytest.mark.parametrize("name, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
+                                        ("efficientnet_b0", "classifier.1")])
+def test_the_new_head_is_the_layer_the_weights_file_lacked(tmp_path, name, head):
+    file = tmp_path / "imagenet.pt"
+    torch.save(torchvision.models.get_model(name, num_classes=1000).state_dict(), file)
+    model = torchvision.models.get_model(name, num_classes=7)
+    new = load_pretrained(model, file)
+    assert finetune.new_head(model, new) is model.get_submodule(head)
+
+
+def test_no_head_when_the_file_fits_everywhere_or_misses_more(tmp_path):
+    model = SmallCNN(4)
+    assert finetune.new_head(model, []) is None
+    assert finetune.new_head(model, ["head.weight", "features.0.0.weight"]) is None
+    assert finetune.new_head(model, ["head.weight", "head.bias"]) is model.head
+
+
+def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well separated clusters in 16 dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) * 4
+    y = torch.randint(0, 3, (n,), generator=g)
+    return centres[y] + torch.randn(n, 16, generator=g), y
+
+
+def test_the_head_is_fitted_to_convergence_with_the_l2_val_prefers():
+    head = nn.Linear(16, 3)
+    fitted = finetune.fit_head(head, blobs(300, 1), blobs(100, 2))
+    assert fitted["train_acc"] == 1.0 and fitted["head_l2"] in finetune.HEAD_L2
+    xv, yv = blobs(200, 3)
+    assert (head(xv).argmax(1) == yv).float().mean() > 0.99  # the layer itself holds the fit
+    # Labels with no signal: the val loss picks the strongest penalty, which predicts least.
+    x, _ = blobs(200, 4)
+    noise = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(5))
+    xv, _ = blobs(100, 6)
+    noisy = finetune.fit_head(nn.Linear(16, 3), (x, noise), (xv, torch.randint(0, 3, (100,))))
+    assert noisy["head_l2"] == max(finetune.HEAD_L2)
+
+
+def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_trains():
+    model = torchvision.models.resnet18(num_classes=3)
+    before = model.bn1.running_mean.clone()
+    finetune.train_mode(model, freeze_bn=True)
+    assert model.training and not model.bn1.training and model.layer1[0].conv1.training
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(model.bn1.running_mean, before)
+    finetune.train_mode(model, freeze_bn=False)
+    model(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(model.bn1.running_mean, before)
+
+
+def test_pretrained_weights_train_at_backbone_lr_and_the_head_at_lr():
+    model = SmallCNN(3)
+    groups = stage.param_groups(model, model.head, 0.1, Train(backbone_lr=0.25), True)
+    assert [g["lr"] for g in groups] == [0.025, 0.1]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.parameters()}
+    frozen = stage.param_groups(model, model.head, 0.1, Train(backbone_lr=0), True)
+    assert len(frozen) == 1 and not model.features[0][0].weight.requires_grad
+    scratch = stage.param_groups(SmallCNN(3), None, 0.1, Train(), False)
+    assert [g["lr"] for g in scratch] == [0.1]
+
+
+def test_fine_tuning_starts_from_a_fitted_head_kept_as_epoch_0(clone_built):
+    repo = clone_built()
+    # Weights of an earlier model of ten digits, for a tree of eight: a new head for 8 classes.
+    shutil.copy(repo / "models/model.pt", repo / "digits.pt")
+    for gone in ("eight", "nine"):
+        shutil.rmtree(repo / "data/raw" / gone)
+    set_params(repo, train={"pretrained": "digits.pt", "epochs": 2})
+    out = dvc(repo, "repro").stdout
+    assert "fine-tuning after fitting the head (backbone lr x0.1, batch norm frozen)" in out
+    assert "epoch   0     the new head on frozen features (L2 " in out
+    epochs = pd.read_csv(repo / "metrics/epochs.csv")
+    assert epochs["epoch"].tolist() == [0, 1, 2]
+    probe = epochs.iloc[0]
+    assert probe["val_acc"] > 0.5  # features learnt on digits separate digits
+    best = json.loads((repo / "metrics/train.json").read_text())
+    assert best["epochs"] == 2 and best["val_loss"] == epochs["val_loss"].min()
+    assert best["val_loss"] <= probe["val_loss"]  # fine-tuning kept only if it does better
+    from mlflow import MlflowClient
+
+    run = next(r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "train")
+    history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(
+        run.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
