@@ -86,13 +86,20 @@ def _create_timm(arch: Arch, num_classes: int, ref: WeightsRef | None,
 
     if ref is None or state is None:
         return timm.create_model(arch.arch, pretrained=False, num_classes=num_classes)
-    try:  # timm drops the classifier for another number of classes, and applies its filters
-        model = timm.create_model(arch.arch, pretrained=True, num_classes=num_classes,
+    # Built for the weights' own classes, the load is strict: every tensor must fit. Then
+    # timm's reset_classifier puts on a fresh head for ours (timm's own way to fine-tune).
+    classes = ref.config.get("num_classes", 1000)
+    try:
+        model = timm.create_model(arch.arch, pretrained=True, num_classes=classes,
                                   pretrained_cfg={**ref.config, "state_dict": state})
-    except RuntimeError as err:  # load_state_dict: missing or misshapen tensors
-        first = str(err).strip().splitlines()[-1].strip()
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
+        lines = str(err).strip().splitlines()  # a header, then one line per kind of problem
+        first = lines[min(1, len(lines) - 1)].strip()
+        first = first if len(first) <= 120 else first[:117] + "..."
         raise UserError(f"pretrained weights {ref.label} do not fit timm's {arch.arch} "
                         f"({first}): check train.model and train.pretrained") from None
+    if classes != num_classes:
+        model.reset_classifier(num_classes)
     model.pretrained_cfg.pop("state_dict", None)  # else the model keeps a second copy alive
     return model
 

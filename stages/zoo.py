@@ -131,16 +131,6 @@ def _closest(name: str) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def available_models() -> list[str]:
-    """Every name create_model accepts, timm's both plain and with the prefix where they differ."""
-    torchvision_names = _torchvision_names()
-    tv = set(torchvision_names)
-    timm_names = _timm_names()
-    plain = [n for n in timm_names if n not in tv]
-    prefixed = [TIMM_PREFIX + n for n in timm_names]
-    return [DEFAULT_MODEL, *sorted(torchvision_names), *plain, *prefixed]
-
-
 # ---------------------------------------------------------------------------- weights
 
 def is_file_setting(value: str) -> bool:
@@ -181,12 +171,11 @@ def _torchvision_weights(arch: Arch, tag: str | None) -> WeightsRef:
         raise UserError(f"train.pretrained: {tag!r} is no weights tag of torchvision's "
                         f"{arch.name}: use true (its default weights) or one of {tags}"
                         f"{_timm_hint(arch, tag)}") from None
-    return WeightsRef(arch, str(member), "url", member.url,
-                      config=member)
+    return WeightsRef(arch, str(member), "url", member.url, config=member)
 
 
 def _timm_hint(arch: Arch, tag: str | None) -> str:
-    """'; for timm's <arch>.<tag> use train.model: timm/<arch>' when timm has those weights."""
+    """A hint to use timm's model when the tag is one of timm's weights for the same name."""
     import timm.models
 
     if f"{arch.arch}.{tag}" in timm.models.list_pretrained(f"{arch.arch}.*"):

@@ -132,6 +132,15 @@ def test_timm_weights_by_name_come_from_the_hub_cache(tmp_path):
                       "sha256": sha256(file)}
 
 
+def test_timm_weights_of_another_architecture_are_refused(tmp_path):
+    other = save(timm.create_model("test_resnet").state_dict(), tmp_path / "model.safetensors")
+    repo_id = timm.models.get_pretrained_cfg("test_efficientnet").hf_hub_id
+    put_in_hub_cache(tmp_path / "hf", repo_id, {"model.safetensors": other})
+    line = one_line_error(in_fresh_python(build_and_record("test_efficientnet", 3, True),
+                                          tmp_path))
+    assert "test_efficientnet.r160_in1k do not fit timm's test_efficientnet" in line
+
+
 def test_timm_weights_offline_and_not_cached_are_one_line_naming_the_cache(tmp_path):
     line = one_line_error(in_fresh_python(build_and_record("test_efficientnet", 3, True),
                                           tmp_path))
