@@ -207,6 +207,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise UserError(f"pretrained weights file {path} not found: set train.pretrained in "
                         "params.yaml to an existing file, true (the model's default weights), "
                         "a weights tag, or null") from None
+    except OSError as err:
+        raise UserError(f"pretrained weights file {path} cannot be read ({_reason(err)}): "
+                        "check its permissions") from None
     sha = hashlib.sha256(data).hexdigest()
     try:
         if _is_safetensors(path, data):
