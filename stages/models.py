@@ -1,13 +1,15 @@
-"""The model zoo: a small CNN for small images, or any torchvision classifier by name.
+"""Models by name, with their weights: smallcnn, any torchvision classifier, any timm model.
 
-Pretrained weights only ever come from a local file (`train.pretrained` in
-params.yaml): nothing is downloaded, so a run is the same offline and online.
+Which zoo a name means, which weights `train.pretrained` names and what input they
+expect: stages/zoo.py. Where the weights file comes from and its sha256:
+stages/weights.py. Here the model is built and the weights go in: a head for
+another number of classes is left out and trained afresh (fine-tuning). Building a
+model without weights never reads or downloads anything.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,9 @@ import torch
 from torch import nn
 
 from stages.common import UserError
+from stages.weights import LoadedWeights, load_weights, read_state_dict
+from stages.zoo import Arch, WeightsRef, resolve_model, resolve_weights
 
-DEFAULT_MODEL = "smallcnn"
-# Prefixes that wrappers add to state-dict keys: DDP ("module.") and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Images and weights go NHWC on every device: convolutions run faster that way on GPUs
 # (tensor cores) and on CPUs (oneDNN). Training steps on 2 EPYC cores: SmallCNN 1.21x
 # faster at 32 px and 1.31x at 64 px; resnet18 1.03x at 32 px.
@@ -48,83 +49,96 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def available_models() -> list[str]:
-    """Every name create_model accepts."""
-    import torchvision
+def create_model(name: str, num_classes: int, pretrained: Any = None) -> nn.Module:
+    """Build a model by name with a head of num_classes outputs, from weights if given.
 
-    return [DEFAULT_MODEL] + sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def create_model(name: str, num_classes: int, pretrained: str | Path | None = None) -> nn.Module:
-    """Build a model by name with a head of num_classes outputs, optionally from local weights.
-
-    Its weights are in MEMORY_FORMAT; moving it to a device keeps that layout.
+    pretrained is a `train.pretrained` setting (see stages/zoo.py). Its weights are
+    in MEMORY_FORMAT; moving it to a device keeps that layout.
     """
-    if name == DEFAULT_MODEL:
+    return build_model(name, num_classes, pretrained)[0]
+
+
+def build_model(name: str, num_classes: int, pretrained: Any = None
+                ) -> tuple[nn.Module, LoadedWeights | None]:
+    """create_model, and what was loaded (name, source, file, sha256) for the run's record."""
+    arch = resolve_model(name)
+    ref = resolve_weights(arch, pretrained)
+    state, loaded = load_weights(ref, pretrained) if ref is not None else (None, None)
+    timm_loads = arch.zoo == "timm" and ref is not None and ref.kind != "file"
+    if arch.zoo == "smallcnn":
         model: nn.Module = SmallCNN(num_classes)
-    else:
+    elif arch.zoo == "torchvision":
         import torchvision
 
-        if name not in torchvision.models.list_models(module=torchvision.models):
-            close = difflib.get_close_matches(name, available_models(), n=4, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown model {name!r} in params.yaml train.model{hint}: "
-                            "use smallcnn or a torchvision classifier name such as resnet18")
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    if pretrained:
-        load_pretrained(model, pretrained)
-    return model.to(memory_format=MEMORY_FORMAT)
+        model = torchvision.models.get_model(arch.arch, weights=None, num_classes=num_classes)
+    else:
+        model = _create_timm(arch, num_classes, ref if timm_loads else None, state)
+    if ref is not None and state is not None and not timm_loads:
+        head_rows = None if ref.kind == "file" else len(ref.config.meta["categories"])
+        fit_state_dict(model, state, ref.label, head_rows)
+    return model.to(memory_format=MEMORY_FORMAT), loaded
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights in a local file: a plain state dict, an imgpipe model or a checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pretrained weights {path} not found: train.pretrained in params.yaml "
-                        "must name a local file (nothing is downloaded), or be null")
+def _create_timm(arch: Arch, num_classes: int, ref: WeightsRef | None,
+                 state: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A timm model; zoo weights (ref, state) go in through timm's loader, which adapts them."""
+    import timm
+
+    if ref is None or state is None:
+        return timm.create_model(arch.arch, pretrained=False, num_classes=num_classes)
+    # Built for the weights' own classes, the load is strict: every tensor must fit. Then
+    # timm's reset_classifier puts on a fresh head for ours (timm's own way to fine-tune).
+    classes = ref.config.get("num_classes", 1000)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing
-        raise UserError(f"pretrained weights {path} cannot be read ({type(err).__name__}): "
-                        "save them with torch.save(model.state_dict(), path)") from None
-    for key in ("state_dict", "model", "model_state_dict"):  # imgpipe, timm, common scripts
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise UserError(f"pretrained weights {path} hold no state dict of tensors")
-    return {_strip_prefixes(k): v for k, v in data.items()}
+        model = timm.create_model(arch.arch, pretrained=True, num_classes=classes,
+                                  pretrained_cfg={**ref.config, "state_dict": state})
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen tensors
+        lines = str(err).strip().splitlines()  # a header, then one line per kind of problem
+        first = lines[min(1, len(lines) - 1)].strip()
+        first = first if len(first) <= 120 else first[:117] + "..."
+        raise UserError(f"pretrained weights {ref.label} do not fit timm's {arch.arch} "
+                        f"({first}): check train.model and train.pretrained") from None
+    if classes != num_classes:
+        model.reset_classifier(num_classes)
+    model.pretrained_cfg.pop("state_dict", None)  # else the model keeps a second copy alive
+    return model
 
 
-def _strip_prefixes(key: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+def fit_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], label: str,
+                   head_rows: int | None = None) -> list[str]:
     """Load every weight whose name and shape fit; returns the keys left as initialised.
 
-    A checkpoint trained for another number of classes fits everywhere but the
-    head, which keeps its fresh initialisation: that is fine-tuning. Anything
-    that fits far less than that is the wrong file, and an error.
+    Weights trained for another number of classes fit everywhere but the head, which
+    keeps its fresh initialisation: that is fine-tuning. From a local file, anything
+    that fits far less than that is the wrong file; for zoo weights (head_rows: the
+    classes they were trained on) only tensors with that many rows may be left out.
     """
-    weights = read_state_dict(path)
     own = model.state_dict()
     fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     skipped = [k for k in own if k not in fits]
-    if len(fits) < len(own) / 2:
-        raise UserError(f"pretrained weights {path} do not fit this model: only {len(fits)} "
+    if head_rows is not None:
+        wrong = [k for k in skipped if k not in weights or weights[k].shape[:1] != (head_rows,)]
+        if wrong:
+            shown = ", ".join(wrong[:3]) + (", ..." if len(wrong) > 3 else "")
+            raise UserError(f"pretrained weights {label} do not fit this model as imgpipe "
+                            f"builds it ({len(wrong)} tensors missing or of another shape: "
+                            f"{shown}): check train.model and train.pretrained")
+    elif len(fits) < len(own) / 2:
+        raise UserError(f"pretrained weights {label} do not fit this model: only {len(fits)} "
                         f"of {len(own)} tensors match by name and shape; check train.model")
     model.load_state_dict(fits, strict=False)
     if skipped:
         shown = ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else "")
-        print(f"note: loaded {len(fits)} of {len(own)} tensors from {path}; left as initialised "
+        print(f"note: loaded {len(fits)} of {len(own)} tensors from {label}; left as initialised "
               f"(not in the file, or another shape, e.g. a head for other classes): {shown}")
     else:
-        print(f"note: loaded all {len(fits)} tensors from {path}")
+        print(f"note: loaded all {len(fits)} tensors from {label}")
     return skipped
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a local weights file into model by fit (see fit_state_dict); the keys left out."""
+    return fit_state_dict(model, read_state_dict(path)[0], str(path))
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
