@@ -26,7 +26,7 @@ from sklearn import metrics as skm
 from stages import params, plots, serving, tracking
 from stages.common import UserError, cli, write_csv, write_json
 from stages.models import load_checkpoint, pick_device, predict
-from stages.tensors import SplitDataset, as_batch, read_meta
+from stages.tensors import SplitDataset, as_batch, model_feed, read_meta
 
 TENSORS = Path("data/tensors")
 MANIFEST = Path("data/manifest.csv")
@@ -231,8 +231,9 @@ def main() -> None:
     if len(val) == 0:
         raise UserError("the val split is empty: add images or raise index.val_fraction")
     device = pick_device()
+    fed = model_feed(meta, checkpoint["mean"], checkpoint["std"])  # as train fed the model
     loader = torch.utils.data.DataLoader(val, batch_size=p.train.batch_size, collate_fn=as_batch)
-    logits, labels = predict(model.to(device), loader, device, meta)
+    logits, labels = predict(model.to(device), loader, device, fed)
 
     result = score(logits, labels, classes, top_k)
     matrix = confusion(logits, labels, len(classes))

@@ -10,6 +10,7 @@ model without weights never reads or downloads anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def build_model(name: str, num_classes: int, pretrained: Any = None
     ref = resolve_weights(arch, pretrained)
     state, loaded = load_weights(ref, pretrained) if ref is not None else (None, None)
     timm_loads = arch.zoo == "timm" and ref is not None and ref.kind != "file"
+    new: list[str] = []
     if arch.zoo == "smallcnn":
         model: nn.Module = SmallCNN(num_classes)
     elif arch.zoo == "torchvision":
@@ -72,20 +74,26 @@ def build_model(name: str, num_classes: int, pretrained: Any = None
 
         model = torchvision.models.get_model(arch.arch, weights=None, num_classes=num_classes)
     else:
-        model = _create_timm(arch, num_classes, ref if timm_loads else None, state)
+        model, new = _create_timm(arch, num_classes, ref if timm_loads else None, state)
     if ref is not None and state is not None and not timm_loads:
         head_rows = None if ref.kind == "file" else len(ref.config.meta["categories"])
-        fit_state_dict(model, state, ref.label, head_rows)
+        new = fit_state_dict(model, state, ref.label, head_rows)
+    if loaded is not None:
+        loaded = dataclasses.replace(loaded, new=tuple(new))
     return model.to(memory_format=MEMORY_FORMAT), loaded
 
 
+
 def _create_timm(arch: Arch, num_classes: int, ref: WeightsRef | None,
-                 state: dict[str, torch.Tensor] | None) -> nn.Module:
-    """A timm model; zoo weights (ref, state) go in through timm's loader, which adapts them."""
+                 state: dict[str, torch.Tensor] | None) -> tuple[nn.Module, list[str]]:
+    """A timm model, and the keys of the head it got afresh (none if it kept the weights').
+
+    Zoo weights (ref, state) go in through timm's loader, which adapts them.
+    """
     import timm
 
     if ref is None or state is None:
-        return timm.create_model(arch.arch, pretrained=False, num_classes=num_classes)
+        return timm.create_model(arch.arch, pretrained=False, num_classes=num_classes), []
     # Built for the weights' own classes, the load is strict: every tensor must fit. Then
     # timm's reset_classifier puts on a fresh head for ours (timm's own way to fine-tune).
     classes = ref.config.get("num_classes", 1000)
@@ -98,10 +106,14 @@ def _create_timm(arch: Arch, num_classes: int, ref: WeightsRef | None,
         first = first if len(first) <= 120 else first[:117] + "..."
         raise UserError(f"pretrained weights {ref.label} do not fit timm's {arch.arch} "
                         f"({first}): check train.model and train.pretrained") from None
+    new: list[str] = []
     if classes != num_classes:
         model.reset_classifier(num_classes)
+        head = model.get_classifier()
+        name = next(n for n, m in model.named_modules() if m is head)
+        new = [f"{name}.{key}" for key in head.state_dict()]
     model.pretrained_cfg.pop("state_dict", None)  # else the model keeps a second copy alive
-    return model
+    return model, new
 
 
 def fit_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], label: str,

@@ -81,14 +81,14 @@ class Preprocess(Section):
     resize: Literal["squash", "crop"] = knob(
         "squash", "`squash` stretches to a square; `crop` scales the short side, then "
                   "centre-crops")
-    normalize: Literal["imagenet", "dataset"] = knob(
-        "imagenet", "`imagenet`: ImageNet's fixed mean/std, as timm and Ultralytics use, so each "
-                    "image's stored bytes are its own and adding images rewrites only their "
-                    "shards; `dataset`: mean/std of the train split (every shard is rewritten "
-                    "when the split changes)")
-    storage: Literal["float16", "uint8"] = knob(
-        "float16", "`float16`: normalised on disk; `uint8`: raw pixels (half the disk), "
-                   "normalised on the device per batch")
+    normalize: Literal["auto", "imagenet", "dataset"] = knob(
+        "auto", "`auto`: what pretrained weights were trained with (their mean/std), else "
+                "ImageNet's; `imagenet`: ImageNet's fixed mean/std, as timm and Ultralytics "
+                "use; `dataset`: mean/std of the train split (every shard is rewritten when "
+                "the split changes). An explicit value wins over the weights' own")
+    storage: Literal["uint8", "float16"] = knob(
+        "uint8", "`uint8`: raw pixels, normalised on the device per batch for whichever model "
+                 "reads them; `float16`: normalised on disk (twice the size)")
     shard_mb: float = knob(4.0, "average size of a `data/tensors` shard in MB: smaller rewrites "
                                 "less when images are added; larger gives DVC fewer files", gt=0)
 

@@ -277,7 +277,36 @@ def to_device(x: torch.Tensor, device: torch.device, meta: dict[str, Any]) -> to
         scale, shift = _normaliser(device, tuple(meta["mean"]), tuple(meta["std"]))
         # One conversion, then in place: 2x faster on a CPU than (x / 255 - mean) / std.
         return x.float().mul_(scale).add_(shift)
-    return x.float()
+    x = x.float()
+    stored = (tuple(meta.get("stored_mean", meta["mean"])),
+              tuple(meta.get("stored_std", meta["std"])))
+    if stored != (tuple(meta["mean"]), tuple(meta["std"])):  # float16 normalised otherwise
+        scale, shift = _renormaliser(device, *stored, tuple(meta["mean"]), tuple(meta["std"]))
+        x = x.mul_(scale).add_(shift)
+    return x
+
+
+def model_feed(meta: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+    """meta for feeding this folder's tensors to a model that wants (mean, std) instead.
+
+    to_device normalises uint8 pixels with them, and moves float16 ones from the
+    stored normalisation to them; the stored values stay as stored_mean/stored_std.
+    """
+    return {**meta, "mean": list(mean), "std": list(std),
+            "stored_mean": meta.get("stored_mean", meta["mean"]),
+            "stored_std": meta.get("stored_std", meta["std"])}
+
+
+@functools.lru_cache(maxsize=8)
+def _renormaliser(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
+                  new_mean: tuple[float, ...], new_std: tuple[float, ...]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) taking (v - mean) / std to (v - new_mean) / new_std, made once per device."""
+    import torch
+
+    m, s, nm, ns = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                    for v in (mean, std, new_mean, new_std))
+    return (s / ns).to(device), ((m - nm) / ns).to(device)
 
 
 @functools.lru_cache(maxsize=8)

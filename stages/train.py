@@ -57,12 +57,13 @@ from stages.models import (
     MEMORY_FORMAT,
     amp_dtype,
     autocast,
-    create_model,
-    load_pretrained,
+    build_model,
     pick_device,
     predict,
 )
-from stages.tensors import SplitDataset, read_meta, to_device
+from stages.tensors import SplitDataset, model_feed, read_meta, to_device
+from stages.weights import LoadedWeights
+from stages.zoo import resolve_model, resolve_preprocessing
 
 TENSORS = Path("data/tensors")
 MODEL = Path("models/model.pt")
@@ -72,6 +73,7 @@ DETAILS = Path("metrics/train_details.json")
 HEADLINE = ("best_epoch", "epochs", "val_loss", "val_acc")
 EPOCHS_LOG = Path("metrics/epochs.csv")
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths change
+WEIGHTS_TAG = "imgpipe.weights"  # tags of the train run: the pretrained weights it started from
 # Steps timed apart at the start of every epoch: cuDNN autotuning, CUDA start-up and loader
 # workers starting make them slow, and images_per_second is logged over the steps after them.
 WARMUP_STEPS = 5
@@ -467,6 +469,31 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
 
 # ---------------------------------------------------------------- the stage
 
+def model_input(meta: dict[str, Any], t: params.Train) -> tuple[dict[str, Any], str]:
+    """The meta to feed the stored tensors with, and why: pretrained weights' own mean/std.
+
+    With preprocess.normalize: auto a pretrained model gets the mean/std its weights were
+    trained with (timm's pretrained_cfg, torchvision's transforms); an explicit
+    normalize wins, with a warning when it differs from the weights'.
+    """
+    setting = f"preprocess.normalize: {meta['normalize']}"
+    if not t.pretrained:
+        return meta, f"mean/std {_stats(meta)} ({setting})"
+    wanted = resolve_preprocessing(t.model, t.pretrained)
+    if meta["normalize"] == "auto":
+        fed = model_feed(meta, wanted.mean, wanted.std)
+        return fed, f"mean/std {_stats(fed)} from {wanted.why} ({setting})"
+    if (tuple(meta["mean"]), tuple(meta["std"])) != (wanted.mean, wanted.std):
+        print(f"warning: {setting} feeds mean/std {_stats(meta)}, but {wanted.why} says "
+              f"{_stats({'mean': wanted.mean, 'std': wanted.std})}: the explicit setting wins; "
+              "use normalize: auto to follow the weights")
+    return meta, f"mean/std {_stats(meta)} ({setting})"
+
+
+def _stats(meta: dict[str, Any]) -> str:
+    return "/".join("(" + ", ".join(f"{v:.3g}" for v in meta[k]) + ")" for k in ("mean", "std"))
+
+
 def check_fits(t: params.Train, meta: dict[str, Any], world: int) -> None:
     """Fail in one line, before any work, on train params the data or processes rule out."""
     if t.batch_size < world:
@@ -508,10 +535,12 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
                 f"{' (auto)' if t.workers == 'auto' else ''}")
 
     classes = meta["classes"]
-    net = create_model(t.model, len(classes)).to(device)
-    pretrained = bool(t.pretrained)
-    # Loaded on a resume too: the weights the file lacks are the head (see stages/finetune.py).
-    head = finetune.new_head(net, load_pretrained(net, t.pretrained)) if pretrained else None
+    # Loaded on a resume too: what they lack is the head (stages/finetune.py), and the record.
+    net, loaded = build_model(t.model, len(classes), t.pretrained)
+    net = net.to(device)
+    pretrained = loaded is not None
+    head = finetune.new_head(net, list(loaded.new)) if pretrained else None
+    meta, fed = model_input(meta, t)
     if resume:
         net.load_state_dict(resume["model"])
     weights = class_weights(train_set.labels, len(classes), t.class_weights)
@@ -527,7 +556,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         print(f"{where}: {t.model} on {device}"
               f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
               f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
-              f"{epochs} epochs, {feed}{tuning}", flush=True)
+              f"{epochs} epochs, {feed}{tuning}; input {fed}", flush=True)
 
     stopper = EarlyStopping(t.patience)
     history: list[dict[str, Any]] = []
@@ -621,26 +650,28 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
     if not shard.main:
         return None
     return finish(t, meta, run, log, best_state, stopper, history, checkpoint_path(key),
-                  device, time.perf_counter() - started)
+                  device, time.perf_counter() - started, loaded)
 
 
 def finish(t: params.Train, meta: dict[str, Any], run: Any, log: Any,
            best_state: dict[str, torch.Tensor], stopper: EarlyStopping,
            history: list[dict[str, Any]], ckpt: Path, device: torch.device,
-           seconds: float) -> dict[str, Any]:
+           seconds: float, loaded: LoadedWeights | None) -> dict[str, Any]:
     """Write the best epoch's model and the metrics locally first, then log them to MLflow."""
     if not all(torch.isfinite(v).all() for v in best_state.values() if v.is_floating_point()):
         raise UserError("the weights hold NaN or inf: lower lr in params.yaml and rerun "
                         "(no model was written)")
     best = next(r for r in history if r["epoch"] == stopper.best_epoch)
-    save_model(MODEL, best_state, meta, {"model": t.model, "run_id": run.info.run_id,
+    save_model(MODEL, best_state, meta, {"model": resolve_model(t.model).name,
+                                         "run_id": run.info.run_id,
                                          "data_version": meta["data_version"],
                                          "epoch": best["epoch"]})
     write_csv(EPOCHS_LOG, pd.DataFrame(history))
     summary = {"best_epoch": best["epoch"], "epochs": sum(r["epoch"] > 0 for r in history)}
     summary |= {k: best[k] for k in ("val_loss", "val_acc", "train_loss", "train_acc")}
     summary |= {"stopped_early": stopper.stop, "seconds": round(seconds, 2),
-                "device": device.type, "mlflow_run_id": run.info.run_id}
+                "device": device.type, "mlflow_run_id": run.info.run_id,
+                "pretrained": loaded.record() if loaded else None}
     write_json(METRICS, {k: summary[k] for k in HEADLINE})
     write_json(DETAILS, {k: v for k, v in summary.items() if k not in HEADLINE})
     ckpt.unlink(missing_ok=True)  # the model is safe: nothing left to resume
@@ -649,6 +680,8 @@ def finish(t: params.Train, meta: dict[str, Any], run: Any, log: Any,
     # there is then eval_accuracy.
     log.metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                  "best_val_acc": best["val_acc"]})
+    if loaded:  # which bytes the run started from: imgpipe-reproduce compares them
+        log.tags({f"{WEIGHTS_TAG}.{k}": v for k, v in loaded.record().items()})
     for path in (METRICS, DETAILS, EPOCHS_LOG):
         log.artifact(path)
     if log.unlogged():  # the servable model is logged by the evaluate stage, once it is scored

@@ -46,10 +46,11 @@ class LoadedWeights:
     source: str  # the URL, hf-hub:<repo id>, or the local file
     file: str  # the file that was read: in a zoo's cache, or the local file
     sha256: str  # of the bytes that were loaded
+    new: tuple[str, ...] = ()  # the model's tensors they did not provide: its new head
 
     def record(self) -> dict[str, str]:
         """As a flat dict, for train_details.json and MLflow params (`pretrained.*`)."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "new"}
 
 
 def load_weights(ref: WeightsRef, setting: object) -> tuple[dict[str, torch.Tensor],
