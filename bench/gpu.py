@@ -112,7 +112,7 @@ def measure_size(work: Path, size: int, args: argparse.Namespace, device: torch.
                  ) -> list[Row]:
     """Preprocess at `size` px with the real stage, then time every data path on it."""
     started = time.perf_counter()
-    run_stages(work, ("preprocess",), {"image_size": size, "storage": "uint8"})
+    run_stages(work, ("preprocess",), {"preprocess": {"image_size": size, "storage": "uint8"}})
     meta = read_meta(work / "data/tensors")
     train_set = SplitDataset(work / "data/tensors", "train")
     sampler = loaders.make_sampler(train_set, 0)

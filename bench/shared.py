@@ -62,10 +62,13 @@ def make_dataset(folder: Path, n: int, workers: int, start: int = 0,
                          "split": "train"})
 
 
-def run_stages(folder: Path, stages: tuple[str, ...], preprocess: dict[str, Any]) -> None:
-    """Run the real stages in folder (data/raw already there) with params.yaml's defaults."""
+def run_stages(folder: Path, stages: tuple[str, ...],
+               overrides: dict[str, dict[str, Any]]) -> None:
+    """Run the real stages in folder (data/raw already there): params.yaml's defaults, and
+    overrides by section ({"preprocess": {"image_size": 64}})."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["preprocess"].update(preprocess)
+    for section, values in overrides.items():
+        params[section].update(values)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(ROOT)

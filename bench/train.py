@@ -69,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
         folder = Path(tmp)
         write_digits(folder / "data/raw", limit=args.images)
-        run_stages(folder, ("index", "preprocess"), {"image_size": args.size})
+        run_stages(folder, ("index", "preprocess"), {"preprocess": {"image_size": args.size}})
         rows = train_rows(folder)
         meta = read_meta(folder / "data/tensors")
         step, loader, sampler = our_setup(folder, meta, args.model, args.batch, args.workers,
