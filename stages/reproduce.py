@@ -29,7 +29,7 @@ import yaml
 
 from stages import params
 from stages.common import PARAMS_FILE, UserError, cli
-from stages.tracking import check_reachable, flatten, tracking_uri
+from stages.tracking import WEIGHTS_TAG, check_reachable, flatten, tracking_uri
 
 # The runs that hold a whole pipeline's results: the training run (into which evaluate logs)
 # and the pipeline's parent run.
@@ -461,11 +461,11 @@ def main(argv: list[str] | None = None) -> None:
     devices = (device_of(client, run) or local_device(), local_device())
     tolerance = 0.0 if devices == ("cpu", "cpu") else GPU_TOLERANCE
     rows = compare(run.data.metrics, rebuilt.data.metrics, names, tolerance)
-    logged_data, rebuilt_data = run.data.tags.get("data.version"), \
-        rebuilt.data.tags.get("data.version")
-    if logged_data:
-        rows.insert(0, Row("data.version", logged_data, rebuilt_data,
-                           logged_data == rebuilt_data))
+    # What the run started from: its data, and the bytes of its pretrained weights, if any.
+    for tag in (f"{WEIGHTS_TAG}.sha256", "data.version"):
+        logged, again = run.data.tags.get(tag), rebuilt.data.tags.get(tag)
+        if logged:
+            rows.insert(0, Row(tag, logged, again, logged == again))
     print()
     print(f"MLflow run {run_id} (logged on {devices[0]}) against its rebuild "
           f"{rebuilt.info.run_id} (on {devices[1]}), "

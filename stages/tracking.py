@@ -29,6 +29,7 @@ STORE_FILE = "mlflow.db"
 PIPELINE_TAG = "imgpipe.pipeline"
 PARENT_TAG = "mlflow.parentRunId"  # what MLflow's own nested runs use: the UI nests by it
 MODEL_RUN_TAG = "imgpipe.model_run"  # on an evaluate run of its own: the run that trained it
+WEIGHTS_TAG = "imgpipe.weights"  # on a train run: the pretrained weights it started from
 ARTIFACTS_DIR = "mlartifacts"
 # Beside the store, matched by .gitignore's /mlflow.db-*: serialises creating the store.
 LOCK_SUFFIX = "-lock"

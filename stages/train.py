@@ -73,7 +73,6 @@ DETAILS = Path("metrics/train_details.json")
 HEADLINE = ("best_epoch", "epochs", "val_loss", "val_acc")
 EPOCHS_LOG = Path("metrics/epochs.csv")
 CHECKPOINT_VERSION = 1  # bump when the checkpoint layout or the loop's maths change
-WEIGHTS_TAG = "imgpipe.weights"  # tags of the train run: the pretrained weights it started from
 # Steps timed apart at the start of every epoch: cuDNN autotuning, CUDA start-up and loader
 # workers starting make them slow, and images_per_second is logged over the steps after them.
 WARMUP_STEPS = 5
@@ -480,6 +479,9 @@ def model_input(meta: dict[str, Any], t: params.Train) -> tuple[dict[str, Any], 
     if not t.pretrained:
         return meta, f"mean/std {_stats(meta)} ({setting})"
     wanted = resolve_preprocessing(t.model, t.pretrained)
+    if wanted.crop_size and wanted.crop_size != meta["image_size"]:
+        print(f"warning: preprocess.image_size is {meta['image_size']}, but {wanted.why} says "
+              f"{wanted.crop_size} px: the model runs at either, usually best at its own")
     if meta["normalize"] == "auto":
         fed = model_feed(meta, wanted.mean, wanted.std)
         return fed, f"mean/std {_stats(fed)} from {wanted.why} ({setting})"
@@ -681,7 +683,7 @@ def finish(t: params.Train, meta: dict[str, Any], run: Any, log: Any,
     log.metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                  "best_val_acc": best["val_acc"]})
     if loaded:  # which bytes the run started from: imgpipe-reproduce compares them
-        log.tags({f"{WEIGHTS_TAG}.{k}": v for k, v in loaded.record().items()})
+        log.tags({f"{tracking.WEIGHTS_TAG}.{k}": v for k, v in loaded.record().items()})
     for path in (METRICS, DETAILS, EPOCHS_LOG):
         log.artifact(path)
     if log.unlogged():  # the servable model is logged by the evaluate stage, once it is scored
