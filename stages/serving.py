@@ -4,9 +4,9 @@
     curl -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}}' ...
 
 Each value of the input's `image` column is an image file's bytes, base64-encoded. It
-goes through `predict.scores`, the code path of
-`imgpipe-predict`: `imaging.load_pixels` with the checkpoint's size and resize mode,
-then the checkpoint's normalisation, on the device the model was loaded on. The answer
+goes through `predict.scores`, the code path of `imgpipe-predict`: `imaging.load_pixels`
+with the checkpoint's size and resize mode, then the checkpoint's normalisation, on the
+device the model was loaded on. The answer
 has one row per input: `class`, `probability`, `top_k` (a list of {class, probability})
 and `error`, which is empty unless that one image could not be read.
 
@@ -141,20 +141,28 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def allowed_folder(configured: str) -> str | None:
-    """The folder whose files callers may name, resolved: model_config's, else FOLDER_ENV's."""
+@dataclass(frozen=True)
+class Folder:
+    """The one folder whose files callers may name: as the operator wrote it, and resolved."""
+
+    given: str  # absolute and normalised, its symlinks kept: how callers may spell it
+    real: str   # every symlink resolved: where a path must end up
+
+
+def allowed_folder(configured: str) -> Folder | None:
+    """The allowed folder: model_config's image_folder, else FOLDER_ENV's, else none."""
     folder = configured or os.environ.get(FOLDER_ENV, "")
     if not folder:
         return None
-    real = os.path.realpath(os.path.expanduser(folder))
-    if not os.path.isdir(real):
+    given = os.path.abspath(os.path.expanduser(folder))
+    if not os.path.isdir(given):
         raise MlflowException(f"the allowed image folder {folder!r} is not a folder on this "
                               f"machine: fix image_folder or {FOLDER_ENV}, or unset it",
                               INVALID_PARAMETER_VALUE)
-    return real
+    return Folder(given, os.path.realpath(given))
 
 
-def read_source(value: Any, folder: str | None, max_bytes: int
+def read_source(value: Any, folder: Folder | None, max_bytes: int
                 ) -> tuple[Path | bytes | None, str]:
     """An input value as the bytes it encodes, or a file inside folder; or None and why not.
 
@@ -183,13 +191,17 @@ def read_source(value: Any, folder: str | None, max_bytes: int
     return read_path(value.strip(), folder)
 
 
-def read_path(value: str, folder: str) -> tuple[Path | None, str]:
+def read_path(value: str, folder: Folder) -> tuple[Path | None, str]:
     """A path inside folder, resolved first so that neither .. nor a symlink can leave it."""
-    # Lexically outside: refused with no filesystem call at all.
-    if len(value) >= MAX_PATH or not inside(os.path.abspath(value), folder):
+    # Outside as written (.. collapsed): refused with no filesystem call at all.
+    written = os.path.abspath(value) if len(value) < MAX_PATH else ""
+    if not (inside(written, folder.given) or inside(written, folder.real)):
         return None, OUTSIDE
-    real = os.path.realpath(value)
-    if not inside(real, folder):
+    try:
+        real = os.path.realpath(written)
+    except (OSError, ValueError):  # a NUL in the name, or a symlink loop on an old Python
+        return None, NOT_A_FILE
+    if not inside(real, folder.real):
         return None, OUTSIDE
     if not os.path.isfile(real):  # a regular file only: a FIFO would block the reader
         return None, NOT_A_FILE
@@ -198,7 +210,7 @@ def read_path(value: str, folder: str) -> tuple[Path | None, str]:
 
 def inside(path: str, folder: str) -> bool:
     """Whether an absolute, normalised path lies below folder."""
-    return os.path.commonpath([path, folder]) == folder and path != folder
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def answer(top: list[tuple[str, float]], error: str) -> dict[str, Any]:
