@@ -17,8 +17,9 @@ after one warm-up:
 
 Under load (--clients N): --requests requests of --images distinct images each, N at a
 time, after one warm-up request. It prints p50/p95 latency, images/s over the whole run
-and the serving process's peak memory (VmHWM), beside imgpipe-predict once over the same
-files (its peak memory from wait4).
+and the peak memory (VmHWM) of the largest serving process, beside imgpipe-predict once over the same
+files (its peak memory from wait4). --big K then sends one request of K random 512x512 PNGs
+(about 1 MB each) and prints its answer, its seconds and the server's peak memory after it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,6 +127,31 @@ def post(url: str, body: bytes, rows: int) -> float:
     return time.perf_counter() - started
 
 
+def big_request(url: str, count: int) -> tuple[str, float]:
+    """One request of count random 512x512 PNGs: the server's answer in short, and seconds."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buffer, "PNG")
+        values.append([base64.b64encode(buffer.getvalue()).decode()])
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": values}}).encode()
+    del values
+    started = time.perf_counter()
+    request = urllib.request.Request(f"{url}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            said = f"{answer.status}, {len(json.loads(answer.read())['predictions'])} rows"
+    except urllib.error.HTTPError as err:
+        said = f"{err.code}: {json.loads(err.read())['message'].rsplit('Error: ', 1)[-1]}"
+    return f"{len(body) / 1e6:.0f} MB body -> {said}", time.perf_counter() - started
+
+
 def peak_rss(pid: int) -> int:
     """The largest peak resident memory (VmHWM, bytes) of a process and its descendants."""
     root = psutil.Process(pid)
@@ -187,6 +214,9 @@ def under_load(args: argparse.Namespace, folder: Path, files: list[Path], model:
             latencies = list(pool.map(lambda body: post(url, body, args.images), bodies))
         wall = time.perf_counter() - started
         peak = peak_rss(proc.pid)
+        big = big_request(url, args.big) if args.big else None
+        big_peak = peak_rss(proc.pid)
+        post(url, bodies[0], args.images)  # it still answers
     finally:
         os.killpg(proc.pid, 9)
     cli, cli_peak = predict_command(files, model)
@@ -201,6 +231,9 @@ def under_load(args: argparse.Namespace, folder: Path, files: list[Path], model:
           f"{p50:>8.2f}{p95:>8.2f}{peak / mib:>10.0f}  (idle {idle / mib:.0f})")
     print(f"{'imgpipe-predict, whole command':<34}{cli:>9.2f}{n / cli:>8.0f}{'':>8}{'':>8}"
           f"{cli_peak / mib:>10.0f}")
+    if big:
+        print(f"then {args.big} random 512x512 PNGs in one request: {big[0]} in {big[1]:.1f} s; "
+              f"server peak {big_peak / mib:.0f} MiB; the next request was answered")
 
 
 def main() -> None:
@@ -215,6 +248,8 @@ def main() -> None:
                         help="under load: this many requests at a time (default: one request)")
     parser.add_argument("--requests", type=int, default=0,
                         help="under load: requests in all (default: 2 per client)")
+    parser.add_argument("--big", type=int, default=0,
+                        help="under load: then one request of this many random 512x512 PNGs")
     parser.add_argument("--workers", type=int, default=1,
                         help="mlflow models serve --workers (default: %(default)s)")
     args = parser.parse_args()
