@@ -17,9 +17,10 @@ after one warm-up:
 
 Under load (--clients N): --requests requests of --images distinct images each, N at a
 time, after one warm-up request. It prints p50/p95 latency, images/s over the whole run
-and the peak memory (VmHWM) of the largest serving process, beside imgpipe-predict once over the same
-files (its peak memory from wait4). --big K then sends one request of K random 512x512 PNGs
-(about 1 MB each) and prints its answer, its seconds and the server's peak memory after it.
+and the peak memory (VmHWM) of the largest serving process, beside imgpipe-predict once
+over the same files (its peak memory from wait4). --big K then sends one request of K
+random 512x512 PNGs (about 1 MB each), and prints its answer, its seconds and the server's
+peak memory after it.
 """
 
 from __future__ import annotations
