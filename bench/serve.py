@@ -68,7 +68,9 @@ def log_served_model(folder: Path, model: Path, example: Path) -> str:
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    with mlflow.start_run() as run:
+    # Artifacts under folder too: the default is ./mlruns in the current folder.
+    experiment = mlflow.create_experiment("serve-bench", (folder / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
         log = tracking.RunLogger(run.info.run_id)
         serving.log_model(log, model, example.read_bytes(), top_k=3, register_as=None)
     assert log.unlogged() is None, log.unlogged()
