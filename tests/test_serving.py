@@ -301,7 +301,7 @@ def test_over_limit_requests_get_their_error_while_the_server_keeps_answering(
         folder_server, unseen):
     small = [b64(p.read_bytes()) for p in unseen[:LIMITS["max_images"]]]
     big = b64(bytes(LIMITS["max_image_bytes"] + 1))
-    huge = "A" * 4_000_000  # 3 MB once decoded, refused from its length
+    huge = "A" * 4_000_000 + "!"  # not even base64: refused from its length, undecoded
     status, answer = post(folder_server, images(small + [small[0]]))
     assert status == 400
     assert "9 images in one request, over this model's limit of 8" in answer["message"]
