@@ -6,9 +6,9 @@
 Each value of the input's `image` column is an image file's bytes, base64-encoded. It
 goes through `predict.scores`, the code path of `imgpipe-predict`: `imaging.load_pixels`
 with the checkpoint's size and resize mode, then the checkpoint's normalisation, on the
-device the model was loaded on. The answer
-has one row per input: `class`, `probability`, `top_k` (a list of {class, probability})
-and `error`, which is empty unless that one image could not be read.
+device the model was loaded on. The answer has one row per input: `class`, `probability`,
+`top_k` (a list of {class, probability}) and `error`, which is empty unless that one image
+could not be read.
 
 Paths: the model opens no file that a caller names, unless whoever loads it allows one
 folder (`ServeConfig.image_folder`, else IMGPIPE_SERVE_FOLDER). A path is refused before
@@ -82,6 +82,10 @@ class ServeConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MlflowException(f"model_config {name} is {value!r}: it must be a whole "
                                       "number of at least 1", INVALID_PARAMETER_VALUE)
+        if not isinstance(settings.image_folder, str):
+            raise MlflowException(f"model_config image_folder is {settings.image_folder!r}: it "
+                                  "must be a folder's path, or \"\" for none",
+                                  INVALID_PARAMETER_VALUE)
         return settings
 
 
