@@ -328,6 +328,7 @@ def test_pyfunc_in_process_equals_predict_and_takes_paths_in_the_folder_it_allow
     refusing = mlflow.pyfunc.load_model(uri)
     assert list(refusing.predict(pd.DataFrame({"image": [str(unseen[0])]}))["error"]) == [
         PATHS_REFUSED]
+    monkeypatch.setenv(FOLDER_ENV, str(trained / "data"))  # model_config's folder wins
     model = mlflow.pyfunc.load_model(uri, model_config={"image_folder": str(unseen[0].parents[1])})
     net, checkpoint = load_checkpoint(trained / "models/model.pt")
     paths = unseen[:9]
