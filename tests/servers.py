@@ -25,7 +25,7 @@ def free_port() -> int:
 class MlflowServer:
     """An `mlflow server` (or `mlflow ui`) process; `url` is where it answers."""
 
-    def __init__(self, args: list[str], cwd: Path, log: Path):
+    def __init__(self, args: list[str], cwd: Path, log: Path, **extra_env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -33,7 +33,7 @@ class MlflowServer:
             # Own process group: the server forks workers, and kill() must end them all.
             self.proc = subprocess.Popen(
                 [str(BIN / "mlflow"), *args, "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=cwd, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                cwd=cwd, env=env(**extra_env), stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
     def wait_ready(self, timeout: float = 90) -> None:

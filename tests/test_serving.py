@@ -1,14 +1,19 @@
 """The MLflow model takes pictures: in process, and behind a real `mlflow models serve`.
 
 One module-scoped repository is trained well enough to read unseen digits, with its model
-registered as `train.register_as`; one module-scoped server serves `models:/<name>/latest`.
+registered as `train.register_as`; one module-scoped server serves `models:/<name>/latest`
+as the README says, and a second one is started the way an operator allows one folder of
+images and lowers the limits.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,6 +21,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,7 @@ from test_predict import write_unseen_digits
 
 from stages import predict
 from stages.models import load_checkpoint
+from stages.serving import FOLDER_ENV, NOT_A_FILE, OUTSIDE, PATHS_REFUSED, ServeConfig
 
 NAME = "digits"
 TORCH_EXPORT_REFUSAL = "exported by `torch.export` API"
@@ -52,7 +59,7 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
 
 BAD = {  # what a client may send, and the start of the error each one gets
     "empty": ("", "empty image"),
-    "not base64": ("this is not base64 !", "neither valid base64 nor a local file"),
+    "not base64": ("this is not base64 !", "not valid base64"),
     "not an image": (b64(b"just some text, base64-encoded"), "not an image Pillow can read"),
     "truncated": (b64(b"\x89PNG\r\n\x1a\n truncated"), "corrupt image"),
     "bomb": (b64(png_bomb()), "too many pixels"),
@@ -111,6 +118,37 @@ def server(trained: Path) -> Iterator[MlflowServer]:
         served.kill()
 
 
+LIMITS = {"max_images": 8, "max_image_bytes": 2000}  # the folder server's, set by the operator
+
+
+@pytest.fixture(scope="module")
+def places(trained: Path, unseen: list[Path]) -> dict[str, Path]:
+    """An allowed folder of digits, and ways out of it: a file beside it, and symlinks."""
+    allowed, outside = trained.parent / "allowed", trained.parent / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    shutil.copy(unseen[0], allowed / "inside.png")
+    shutil.copy(unseen[1], outside / "secret.png")
+    (allowed / "link.png").symlink_to(outside / "secret.png")
+    (allowed / "linked-folder").symlink_to(outside, target_is_directory=True)
+    return {"allowed": allowed, "inside": allowed / "inside.png",
+            "secret": outside / "secret.png"}
+
+
+@pytest.fixture(scope="module")
+def folder_server(trained: Path, places: dict[str, Path]) -> Iterator[MlflowServer]:
+    """The same model served with IMGPIPE_SERVE_FOLDER, and limits through MLflow's env var."""
+    served = MlflowServer(["models", "serve", "-m", f"models:/{NAME}/latest",
+                           "--env-manager", "local"], trained, trained.parent / "folder.log",
+                          **{FOLDER_ENV: str(places["allowed"]),
+                             "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(LIMITS)})
+    try:
+        wait_for_ping(served)
+        yield served
+    finally:
+        served.kill()
+
+
 def wait_for_ping(served: MlflowServer, timeout: float = 120) -> None:
     """Block until the scoring server answers /ping; fail with its log if it never does."""
     import time
@@ -127,16 +165,21 @@ def wait_for_ping(served: MlflowServer, timeout: float = 120) -> None:
                          f"{served.log.read_text(errors='replace')[-3000:]}")
 
 
-def post(served: MlflowServer, body: dict) -> tuple[int, dict]:
+def post(served: MlflowServer, body: dict, timeout: float = 120) -> tuple[int, dict]:
     """POST a JSON body to /invocations; returns the status and the parsed answer."""
     request = urllib.request.Request(f"{served.url}/invocations",
                                      data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def images(values: list[str]) -> dict:
+    """A dataframe_split body with one image value per row."""
+    return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
 
 
 # ---------------------------------------------------------------- the server
@@ -189,13 +232,104 @@ def test_top_k_is_a_request_param(server, unseen):
     assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
 
 
+def test_a_path_is_refused_alike_whether_its_file_exists_and_is_never_opened(
+        server, unseen, trained, tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    paths = [str(unseen[0]),                          # a readable digit the model knows
+             str(unseen[0].with_name("unseen-9999.png")),  # the same name, no such file
+             str(fifo), "data/raw/one/0001.png",       # relative to the server's folder
+             "/etc/passwd", "/proc/self/environ", "/root/.bash_history"]
+    status, answer = post(server, images(paths), timeout=30)
+    assert status == 200, answer
+    refused = {"class": "", "probability": None, "top_k": [], "error": PATHS_REFUSED}
+    assert answer["predictions"] == [refused] * len(paths)
+
+
+def test_the_default_image_limit_refuses_the_request_and_the_server_goes_on(server, unseen):
+    limit = ServeConfig().max_images
+    one = b64(unseen[0].read_bytes())
+    status, answer = post(server, images([one] * (limit + 1)))
+    assert status == 400
+    # MLflow puts a short view of the input before the model's own line.
+    assert answer["message"].endswith(f"\nError: {limit + 1} images in one request, over this "
+                                      f"model's limit of {limit} (max_images): send them in "
+                                      "smaller requests"), answer
+    assert "Traceback" not in answer["message"]
+    status, answer = post(server, images([one] * limit))
+    assert status == 200 and len(answer["predictions"]) == limit
+    assert all(row["error"] == "" for row in answer["predictions"])
+
+
+def test_twenty_concurrent_requests_are_all_answered_correctly(server, unseen):
+    requests = [[b64(p.read_bytes()) for p in unseen[i * 5:i * 5 + 5]] for i in range(20)]
+    status, alone = post(server, images([v for r in requests for v in r]))
+    assert status == 200
+    expected = [row["class"] for row in alone["predictions"]]
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda values: post(server, images(values)), requests))
+    assert [status for status, _ in answers] == [200] * 20
+    got = [row["class"] for _, answer in answers for row in answer["predictions"]]
+    assert got == expected and all(expected)
+
+
+# ---------------------------------------------------------------- an allowed folder
+
+def test_an_allowed_folder_is_read_and_nothing_leaves_it(folder_server, server, places):
+    allowed, secret = places["allowed"], places["secret"]
+    status, by_bytes = post(server, images([b64(places["inside"].read_bytes())]))
+    assert status == 200
+    status, answer = post(folder_server, images([
+        str(places["inside"]),                         # inside: read
+        str(allowed / "missing.png"),                  # inside, no such file
+        str(allowed / ".." / "outside" / "secret.png"),  # .. out to a readable digit
+        str(allowed / ".." / "outside" / "nothing.png"),  # .. out to no file
+        str(allowed / "link.png"),                     # a symlink to the secret digit
+        str(allowed / "linked-folder" / "secret.png"),  # through a symlinked folder
+        str(secret), "/etc/passwd"]))
+    assert status == 200, answer
+    inside, missing, *escapes = answer["predictions"]
+    expected = by_bytes["predictions"][0]
+    assert inside["error"] == "" and inside["class"] == expected["class"]
+    assert abs(inside["probability"] - expected["probability"]) < 1e-6
+    assert missing["error"] == NOT_A_FILE and missing["class"] == ""
+    refused = {"class": "", "probability": None, "top_k": [], "error": OUTSIDE}
+    assert escapes == [refused] * 6
+
+
+def test_over_limit_requests_get_their_error_while_the_server_keeps_answering(
+        folder_server, unseen):
+    small = [b64(p.read_bytes()) for p in unseen[:LIMITS["max_images"]]]
+    big = b64(bytes(LIMITS["max_image_bytes"] + 1))
+    huge = "A" * 4_000_000 + "!"  # not even base64: refused from its length, undecoded
+    status, answer = post(folder_server, images(small + [small[0]]))
+    assert status == 400
+    assert "9 images in one request, over this model's limit of 8" in answer["message"]
+    status, answer = post(folder_server, images([small[0], big, huge, small[1]]))
+    assert status == 200, answer
+    rows = answer["predictions"]
+    for row in rows[1:3]:
+        assert row["error"] == ("image over this model's limit of 2,000 bytes "
+                                "(max_image_bytes): send a smaller file"), row
+    assert rows[0]["error"] == rows[3]["error"] == "" and rows[0]["class"]
+    status, answer = post(folder_server, images(small))
+    assert status == 200 and [row["error"] for row in answer["predictions"]] == [""] * 8
+
+
 # ---------------------------------------------------------------- in process
 
-def test_pyfunc_in_process_equals_predict_and_takes_local_paths(trained, unseen, monkeypatch):
+def test_pyfunc_in_process_equals_predict_and_takes_paths_in_the_folder_it_allows(
+        trained, unseen, monkeypatch):
     import mlflow
 
     use_store(trained, monkeypatch)
-    model = mlflow.pyfunc.load_model(model_uri(trained))
+    monkeypatch.delenv(FOLDER_ENV, raising=False)
+    uri = model_uri(trained)
+    refusing = mlflow.pyfunc.load_model(uri)
+    assert list(refusing.predict(pd.DataFrame({"image": [str(unseen[0])]}))["error"]) == [
+        PATHS_REFUSED]
+    monkeypatch.setenv(FOLDER_ENV, str(trained / "data"))  # model_config's folder wins
+    model = mlflow.pyfunc.load_model(uri, model_config={"image_folder": str(unseen[0].parents[1])})
     net, checkpoint = load_checkpoint(trained / "models/model.pt")
     paths = unseen[:9]
     expected = list(predict.classify(paths, net, checkpoint, torch.device("cpu"), top_k=3))
@@ -231,6 +365,21 @@ def test_the_model_loads_on_the_device_asked_for(trained, monkeypatch):
         mlflow.pyfunc.load_model(uri, model_config={"device": "gpu-please"})
 
 
+def test_a_wrong_folder_or_limit_fails_the_load_with_one_clear_line(trained, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    use_store(trained, monkeypatch)
+    uri = model_uri(trained)
+    with pytest.raises(MlflowException, match="is not a folder on this machine"):
+        mlflow.pyfunc.load_model(uri, model_config={"image_folder": str(trained / "nowhere")})
+    monkeypatch.setenv(FOLDER_ENV, str(trained / "params.yaml"))
+    with pytest.raises(MlflowException, match=f"fix image_folder or {FOLDER_ENV}"):
+        mlflow.pyfunc.load_model(uri)
+    with pytest.raises(MlflowException, match="max_images is 0: it must be a whole number"):
+        mlflow.pyfunc.load_model(uri, model_config={"max_images": 0, "image_folder": "."})
+
+
 def test_signature_and_input_example_show_what_to_send(trained, monkeypatch):
     import mlflow
     from PIL import Image
@@ -240,6 +389,9 @@ def test_signature_and_input_example_show_what_to_send(trained, monkeypatch):
     assert info.signature.inputs.input_names() == ["image"]
     assert info.signature.outputs.input_names() == ["class", "probability", "top_k", "error"]
     assert info.signature.params.to_dict()[0]["default"] == 3
+    # Every setting is logged, so that load_model(model_config=...) may change it.
+    assert set(info.flavors["python_function"]["config"]) == set(
+        dataclasses.asdict(ServeConfig()))
     folder = Path(mlflow.artifacts.download_artifacts(model_uri(trained)))
     example = json.loads((folder / "input_example.json").read_text())
     encoded = example["data"][0][0]
@@ -253,7 +405,8 @@ def test_loading_needs_neither_the_repository_nor_pickle(trained, tmp_path):
     image = str(trained / "data/raw/one/0001.png")
     script = (
         "import mlflow, pandas as pd\n"
-        f"model = mlflow.pyfunc.load_model({model_uri(trained)!r})\n"
+        f"model = mlflow.pyfunc.load_model({model_uri(trained)!r}, "
+        f"model_config={{'image_folder': {str(trained / 'data/raw')!r}}})\n"
         "import stages\n"
         "print(stages.__file__)\n"
         f"print(model.predict(pd.DataFrame({{'image': [{image!r}]}}))['class'][0])\n")
