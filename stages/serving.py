@@ -252,7 +252,9 @@ def requirements() -> list[str]:
     """What the served model imports, pinned to the versions it was trained with."""
     from importlib.metadata import version
 
-    names = ["mlflow", "torch", "torchvision", "pillow", "numpy", "pandas", "pyyaml", "tqdm"]
+    # timm and its weights' readers too: stages/models.py builds timm models by name.
+    names = ["mlflow", "torch", "torchvision", "timm", "huggingface_hub", "safetensors",
+             "pillow", "numpy", "pandas", "pyyaml", "tqdm"]
     return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 

@@ -417,3 +417,25 @@ def test_loading_needs_neither_the_repository_nor_pickle(trained, tmp_path):
     loaded_from, answer = out.stdout.strip().splitlines()[-2:]
     assert str(trained) not in loaded_from and "/code/stages/" in loaded_from
     assert answer in torch.load(trained / "models/model.pt", weights_only=True)["classes"]
+
+
+def test_a_timm_model_is_served_as_imgpipe_predict_sees_it(tmp_path, monkeypatch):
+    import mlflow
+
+    repo = make_repo(tmp_path / "repo", images=200,
+                     params={"preprocess": {"image_size": 32},
+                             "train": {"model": "test_efficientnet", "epochs": 1}})
+    dvc(repo, "repro")
+    assert torch.load(repo / "models/model.pt", weights_only=True)["model"] == \
+        "timm/test_efficientnet"
+    use_store(repo, monkeypatch)
+    uri = model_uri(repo)
+    pinned = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt")).read_text()
+    assert "timm==" in pinned  # the served environment can build the model
+    paths = sorted((repo / "data/raw").rglob("*.png"))[:12]
+    expected = cli_predictions(repo, paths, tmp_path / "predict.csv")
+    served = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"image": [b64(p.read_bytes()) for p in paths]}))
+    assert list(served["class"]) == [expected.at[str(p), "predicted"] for p in paths]
+    assert np.allclose(served["probability"].astype(float),
+                       [expected.at[str(p), "probability"] for p in paths], atol=1e-5)
