@@ -66,6 +66,7 @@ from stages.weights import LoadedWeights
 from stages.zoo import resolve_model, resolve_preprocessing
 
 TENSORS = Path("data/tensors")
+WEIGHTS = Path("weights")  # local pretrained weights live here: a dependency of the stage
 MODEL = Path("models/model.pt")
 METRICS = Path("metrics/train.json")
 DETAILS = Path("metrics/train_details.json")
@@ -496,6 +497,14 @@ def _stats(meta: dict[str, Any]) -> str:
     return "/".join("(" + ", ".join(f"{v:.3g}" for v in meta[k]) + ")" for k in ("mean", "std"))
 
 
+def warn_outside_weights(path: Path) -> None:
+    """A local weights file outside weights/ is not a DVC dependency: say so."""
+    if WEIGHTS.resolve() not in path.resolve().parents:
+        print(f"note: train.pretrained {path} is outside {WEIGHTS}/, which the train stage "
+              f"depends on: DVC will not retrain when that file is replaced; move it into "
+              f"{WEIGHTS}/ (see {WEIGHTS}/README.md)")
+
+
 def check_fits(t: params.Train, meta: dict[str, Any], world: int) -> None:
     """Fail in one line, before any work, on train params the data or processes rule out."""
     if t.batch_size < world:
@@ -541,6 +550,8 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
     net, loaded = build_model(t.model, len(classes), t.pretrained)
     net = net.to(device)
     pretrained = loaded is not None
+    if shard.main and pretrained and Path(str(t.pretrained)).is_file():  # a local file
+        warn_outside_weights(Path(str(t.pretrained)))
     head = finetune.new_head(net, list(loaded.new)) if pretrained else None
     meta, fed = model_input(meta, t)
     if resume:

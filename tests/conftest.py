@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # What a user's clone holds that the pipeline needs.
 PROJECT_FILES = ["stages", "dvc.yaml", "params.yaml", ".dvc/config", ".gitignore",
-                 ".dvcignore", "data/.gitignore", "pyproject.toml"]
+                 ".dvcignore", "data/.gitignore", "pyproject.toml", "weights/README.md"]
 # Tiny settings so that a full `dvc repro` takes seconds.
 # lr differs from params.yaml's, so that `-S lr=0.05` in a test is a real change.
 FAST_PARAMS = {"lr": 0.1, "preprocess": {"image_size": 8}, "workers": 1,

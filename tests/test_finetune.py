@@ -84,11 +84,12 @@ def test_pretrained_weights_train_at_backbone_lr_and_the_head_at_lr():
 def test_fine_tuning_starts_from_a_fitted_head_kept_as_epoch_0(clone_built):
     repo = clone_built()
     # Weights of an earlier model of ten digits, for a tree of eight: a new head for 8 classes.
-    shutil.copy(repo / "models/model.pt", repo / "digits.pt")
+    shutil.copy(repo / "models/model.pt", repo / "weights/digits.pt")
     for gone in ("eight", "nine"):
         shutil.rmtree(repo / "data/raw" / gone)
-    set_params(repo, train={"pretrained": "digits.pt", "epochs": 2})
+    set_params(repo, train={"pretrained": "weights/digits.pt", "epochs": 2})
     out = dvc(repo, "repro").stdout
+    assert "is outside weights/" not in out
     assert "fine-tuning after fitting the head (backbone lr x0.1, batch norm frozen)" in out
     assert "epoch   0     the new head on frozen features (L2 " in out
     epochs = pd.read_csv(repo / "metrics/epochs.csv")
@@ -104,3 +105,19 @@ def test_fine_tuning_starts_from_a_fitted_head_kept_as_epoch_0(clone_built):
     history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(
         run.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+    # Another file behind the same name retrains: weights/ is a dependency of the stage.
+    state = torch.load(repo / "weights/digits.pt", weights_only=True)
+    state["state_dict"]["head.bias"] += 1
+    torch.save(state, repo / "weights/digits.pt")
+    status = dvc(repo, "status", "train").stdout
+    assert "modified:           weights" in status
+
+
+def test_a_local_file_outside_weights_is_named(clone_built):
+    repo = clone_built()
+    shutil.copy(repo / "models/model.pt", repo / "elsewhere.pt")
+    set_params(repo, train={"pretrained": "elsewhere.pt", "epochs": 1})
+    out = dvc(repo, "repro", "train").stdout
+    assert ("note: train.pretrained elsewhere.pt is outside weights/, which the train stage "
+            "depends on: DVC will not retrain when that file is replaced") in out
