@@ -40,9 +40,9 @@ def write_images(raw: Path, start: int, count: int, size: int, classes: int = 10
 def timed(repo: Path, cache: dict, workers: int) -> tuple[float, dict]:
     """Seconds for one index of repo/data/raw, and its summary."""
     start = time.perf_counter()
-    _, _, summary = index.build_manifest(index.RAW, 0.2, index.read_settings(
-        {"index": {"val_fraction": 0.2}, "mlflow": {"experiment": "b"}}).max_pixels,
-        workers, {}, cache)
+    _, _, summary = index.build_manifest(index.RAW, 0.2, 0.1, index.read_settings(
+        {"index": {"val_fraction": 0.2, "test_fraction": 0.1},
+         "mlflow": {"experiment": "b"}}).max_pixels, workers, {}, cache)
     return time.perf_counter() - start, summary
 
 
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0: one per CPU core")
     args = parser.parse_args()
     workers = args.workers or index.read_settings(
-        {"index": {"val_fraction": 0.2}, "mlflow": {"experiment": "b"}}).workers
+        {"index": {"val_fraction": 0.2, "test_fraction": 0.1},
+         "mlflow": {"experiment": "b"}}).workers
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
