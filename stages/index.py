@@ -589,11 +589,15 @@ def require_classes(summary: dict[str, Any], raw: Path = RAW) -> None:
         only = next(iter(summary["per_class"]))
         raise UserError(f"found only 1 class with usable images under {raw.as_posix()} "
                         f"({only!r}){rejected}: need at least 2, laid out as {LAYOUT}")
-    if summary["untrained_classes"]:
+    if summary["untrained_classes"]:  # the model could never learn it, yet it would be scored
         cls = summary["untrained_classes"][0]
-        train = summary["split_folders"].get("train", "train")
-        raise UserError(f"class {cls!r} has no usable images in {raw.as_posix()}/{train}/{cls}"
-                        f"{rejected}: add images the model can learn it from")
+        train = summary["split_folders"].get("train")
+        if train:
+            raise UserError(f"class {cls!r} has no usable images in {raw.as_posix()}/{train}/"
+                            f"{cls}{rejected}: add images the model can learn it from")
+        raise UserError(f"class {cls!r} has no image to train on: {SPLITS.as_posix()} keeps all "
+                        "of its images in val or test; add images to it, or delete "
+                        f"{SPLITS.as_posix()} to split afresh")
 
 
 def layout_line(summary: dict[str, Any]) -> str:

@@ -255,6 +255,30 @@ def test_a_changed_fraction_splits_afresh(tmp_path):
         assert index.read_previous_splits(0.25, 0.1) == ({}, False)
 
 
+def test_the_first_index_after_the_upgrade_says_what_it_kept(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    for cls in ("a", "b"):
+        write_class(raw, cls, 30)
+    old, _, _ = build(tmp_path, test_fraction=0)
+    (tmp_path / "data/splits.json").write_text(json.dumps(  # as imgpipe wrote it before
+        {"val_fraction": 0.2, "splits": dict(zip(old["sha256"], old["split"]))}))
+    for cls in ("a", "b"):
+        write_class(raw, cls, 5, start=30)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=tmp_path,
+                          env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("note: data/splits.json is from before imgpipe held out a test split: images "
+            "indexed before keep their train or val split and only new images fill test "
+            "(it holds 8); delete data/splits.json and rerun to split every image afresh"
+            ) in proc.stdout
+    manifest = pd.read_csv(tmp_path / "data/manifest.csv", keep_default_na=False)
+    assert splits_of(manifest[manifest["path"].isin(old["path"])]) == splits_of(old)
+    state = json.loads((tmp_path / "data/splits.json").read_text())
+    assert state["test_fraction"] == 0.1  # from now on, a history like any other
+    assert sorted(state["splits"].values()).count("test") == 8
+
+
 # ---------------------------------------------------------------- split folders
 
 # Split folder names as datasets ship them: (train, val, test); None: no such folder.
@@ -381,6 +405,12 @@ def all_broken(repo: Path) -> None:
     (repo / "data/raw/dog/b.png").write_bytes(b"")
 
 
+def train_folder_broken(repo: Path) -> None:
+    split_tree("train/cat", "val/cat", "val/dog")(repo)
+    (repo / "data/raw/train/dog").mkdir()
+    (repo / "data/raw/train/dog/b.png").write_bytes(b"")
+
+
 def params_file(text: str):
     def write(repo: Path) -> None:
         one_class(repo)
@@ -428,6 +458,9 @@ ERRORS = {
     "two folders for val": (
         split_tree("train/cat", "train/dog", "val/cat", "validation/dog"),
         "data/raw has two folders for the val split (val and validation): merge them into one"),
+    "train images all broken": (
+        train_folder_broken, "class 'dog' has no usable images in data/raw/train/dog; "
+        "1 rejected, see data/rejects.csv: add images the model can learn it from"),
     "no train folder": (split_tree("valid/cat", "test/cat"),
                         "data/raw has split folders (test, valid) but none for train"),
 }
