@@ -650,8 +650,9 @@ def print_summary(summary: dict[str, Any]) -> None:
                 if len(untested) > SUMMARY_CLASSES else "")
         one = len(untested) == 1
         folder = summary["split_folders"].get("test")
+        needs = 1 + sum(f > 0 for f in summary["drawn"].values())  # see assign_splits
         fix = (f"add their images to {RAW.as_posix()}/{folder}/" if folder
-               else "add images: a class needs 3 for a test image")
+               else f"add images: a class needs {needs} for a test image")
         print(f"warning: {len(untested)} {'class has' if one else 'classes have'} no test "
               f"image, so the headline score leaves {'it' if one else 'them'} out: "
               f"{names}{more}; {fix}")
@@ -740,7 +741,7 @@ def main() -> None:
     summary["data_version"] = tracking.file_digest(MANIFEST)
     write_json(METRICS, summary)
     print_summary(summary)
-    if legacy and "test" in summary["drawn"]:
+    if legacy and summary["drawn"].get("test", 0) > 0:
         print(f"note: {SPLITS.as_posix()} is from before imgpipe held out a test split: images "
               "indexed before keep their train or val split and only new images fill test "
               f"(it holds {summary['test']}); delete {SPLITS.as_posix()} and rerun to split "
