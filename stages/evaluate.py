@@ -110,8 +110,8 @@ def confused_pairs(matrix: np.ndarray, classes: list[str], n: int = 3
     return [(classes[i], classes[j], int(off[i, j])) for i, j in pairs if off[i, j] > 0]
 
 
-def summary(result: dict[str, Any], matrix: np.ndarray, classes: list[str],
-            split: str = "test") -> str:
+def summary(result: dict[str, Any], matrix: np.ndarray, classes: list[str], split: str
+            ) -> str:
     """A few lines a person reads first: the headline numbers, weakest classes, worst mix-ups."""
     top = next((f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in result.items()
                 if is_top_k(k)), "")
@@ -178,7 +178,7 @@ def thumbnail(path: str | None, stored: np.ndarray, meta: dict[str, Any]) -> np.
 
 
 def gallery(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], meta: dict[str, Any],
-            count: int, paths: list[str] | None, split: str = "test") -> list[dict[str, Any]]:
+            count: int, paths: list[str] | None, split: str) -> list[dict[str, Any]]:
     """Thumbnails and captions of the `count` most confident mistakes (paths: split_paths)."""
     found = confident_mistakes(logits, labels, count)
     if not found:
@@ -193,7 +193,7 @@ def gallery(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], meta
 # ---------------------------------------------------------------- the stage
 
 def draw(result: dict[str, Any], matrix: np.ndarray, classes: list[str],
-         mistakes: list[dict[str, Any]], folder: Path, split: str = "test") -> list[Path]:
+         mistakes: list[dict[str, Any]], folder: Path, split: str) -> list[Path]:
     """Write every evaluation PNG into folder; returns their paths."""
     written = [plots.save(plots.confusion_figure(matrix, classes, split),
                           folder / "confusion.png")]
@@ -204,7 +204,7 @@ def draw(result: dict[str, Any], matrix: np.ndarray, classes: list[str],
         print(f"note: {EPOCHS_LOG} not found: no loss curves")
     written.append(plots.save(plots.per_class_figure(result["per_class"], split),
                               folder / "per_class_f1.png"))
-    written.append(plots.save(plots.mistakes_figure(mistakes, split=split),
+    written.append(plots.save(plots.mistakes_figure(mistakes, split),
                               folder / "mistakes.png"))
     return written
 

@@ -24,7 +24,7 @@ def save(fig: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
-def confusion_figure(matrix: np.ndarray, classes: list[str], split: str = "test") -> Figure:
+def confusion_figure(matrix: np.ndarray, classes: list[str], split: str) -> Figure:
     """Confusion matrix normalised by row (share of each true class), with class names."""
     counts = np.asarray(matrix, dtype=np.float64)
     rows = counts.sum(axis=1, keepdims=True)
@@ -69,7 +69,7 @@ def loss_figure(epochs: pd.DataFrame) -> Figure:
     return fig
 
 
-def per_class_figure(per_class: dict[str, dict[str, Any]], split: str = "test") -> Figure:
+def per_class_figure(per_class: dict[str, dict[str, Any]], split: str) -> Figure:
     """Horizontal bars of F1 per class, weakest at the top, with precision and recall marked."""
     names = sorted(per_class, key=lambda c: per_class[c]["f1"])
     f1 = [per_class[c]["f1"] for c in names]
@@ -93,8 +93,7 @@ def per_class_figure(per_class: dict[str, dict[str, Any]], split: str = "test") 
     return fig
 
 
-def mistakes_figure(mistakes: list[dict[str, Any]], columns: int = 4, split: str = "test"
-                    ) -> Figure:
+def mistakes_figure(mistakes: list[dict[str, Any]], split: str, columns: int = 4) -> Figure:
     """A gallery of mistakes: each thumbnail with its true class, predicted class and confidence.
 
     Each item holds `image` (H, W, 3 uint8), `true`, `predicted`, `confidence` and `path`.

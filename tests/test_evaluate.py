@@ -76,7 +76,7 @@ def test_summary_names_weakest_classes_and_confused_pairs():
     result = evaluate.score(LOGITS, LABELS, CLASSES, top_k=2)
     assert [c for c, _ in evaluate.weakest_classes(result, 2)] == ["one", "two"]
     assert evaluate.confused_pairs(MATRIX, CLASSES) == [("zero", "one", 1), ("one", "two", 1)]
-    text = evaluate.summary(result, MATRIX, CLASSES)
+    text = evaluate.summary(result, MATRIX, CLASSES, "test")
     assert "weakest classes (F1): one 0.50, two 0.67, zero 0.80" in text
     assert "zero -> one (1x), one -> two (1x)" in text
     assert "top2 0.8333" in text
@@ -84,7 +84,7 @@ def test_summary_names_weakest_classes_and_confused_pairs():
     assert text.splitlines()[0].endswith(" on 6 images")
     assert evaluate.summary(result, MATRIX, CLASSES, "val").startswith("val accuracy 0.6667")
     perfect = evaluate.summary(evaluate.score(LOGITS, LOGITS.argmax(1), CLASSES), np.eye(3),
-                               CLASSES)
+                               CLASSES, "test")
     assert "most confused (true -> predicted): none" in perfect
 
 
