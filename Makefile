@@ -21,7 +21,8 @@ demo: setup
 	test -f data/raw.dvc || $(BIN)/dvc add data/raw
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@$(BIN)/python -c "import json; m = json.load(open('metrics/eval.json')); \
-	  print('val', ', '.join(f'{k} {v:.4f}' for k, v in m.items() if isinstance(v, float)))"
+	  split = json.load(open('metrics/eval_details.json'))['split']; \
+	  print(split, ', '.join(f'{k} {v:.4f}' for k, v in m.items() if isinstance(v, float)))"
 	@echo "All metrics: $(BIN)/dvc metrics show    Plots: $(BIN)/dvc plots show"
 	@echo
 	@echo "Compare runs in the MLflow UI:  $(BIN)/mlflow ui   (then open http://127.0.0.1:5000)"

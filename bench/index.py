@@ -41,8 +41,8 @@ def write_images(raw: Path, start: int, count: int, size: int, classes: int = 10
 def timed(repo: Path, cache: dict, workers: int) -> tuple[float, dict]:
     """Seconds for one index of repo/data/raw, and its summary."""
     start = time.perf_counter()
-    _, _, summary = index.build_manifest(index.RAW, 0.2, index.pixel_limit(None), workers, {},
-                                         cache)
+    _, _, summary = index.build_manifest(index.RAW, 0.2, 0.1, index.pixel_limit(None), workers,
+                                         {}, cache)
     return time.perf_counter() - start, summary
 
 

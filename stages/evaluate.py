@@ -1,13 +1,17 @@
-"""Evaluate stage: score the held-out split, draw it, and log it into the training run.
+"""Evaluate stage: score the test split, draw it, and log it into the training run.
+
+The test split is the one that neither trained the model nor chose its epoch (val did),
+so its score is unbiased. Without one (index.test_fraction 0 and no test folder) the val
+split is scored instead, and the stage says that the score is optimistic.
 
 It also logs the servable model (stages/serving.py) into the training run: pictures in,
-classes out, with one of the val images as its input example.
+classes out, with one of the scored images as its input example.
 
 Outputs:
     metrics/eval.json       the headline: accuracy, macro F1, top-k accuracy, loss (a DVC metric)
-    metrics/eval_details.json  weighted F1, the number of images, and per class precision,
-                            recall, F1 and support
-    metrics/confusion.csv   actual,predicted class names per val image (DVC confusion plot)
+    metrics/eval_details.json  the split scored, weighted F1, the number of images, and per
+                            class precision, recall, F1 and support
+    metrics/confusion.csv   actual,predicted class names per scored image (DVC confusion plot)
     metrics/per_class.csv   class,precision,recall,f1,support (DVC bar plot)
     plots/*.png             confusion matrix, loss curves, F1 per class, confident mistakes
 """
@@ -90,7 +94,7 @@ def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> n
 
 
 def weakest_classes(result: dict[str, Any], n: int = 3) -> list[tuple[str, float]]:
-    """The n classes with the lowest F1 (ties: fewer val images first), as (class, F1)."""
+    """The n classes with the lowest F1 (ties: fewer images first), as (class, F1)."""
     per_class = result["per_class"]
     ranked = sorted(per_class, key=lambda c: (per_class[c]["f1"], per_class[c]["support"]))
     return [(c, per_class[c]["f1"]) for c in ranked[:n]]
@@ -106,11 +110,12 @@ def confused_pairs(matrix: np.ndarray, classes: list[str], n: int = 3
     return [(classes[i], classes[j], int(off[i, j])) for i, j in pairs if off[i, j] > 0]
 
 
-def summary(result: dict[str, Any], matrix: np.ndarray, classes: list[str]) -> str:
+def summary(result: dict[str, Any], matrix: np.ndarray, classes: list[str], split: str
+            ) -> str:
     """A few lines a person reads first: the headline numbers, weakest classes, worst mix-ups."""
     top = next((f", {k.removesuffix('_accuracy')} {v:.4f}" for k, v in result.items()
                 if is_top_k(k)), "")
-    lines = [f"val accuracy {result['accuracy']:.4f}{top}, macro F1 {result['macro_f1']:.4f}, "
+    lines = [f"{split} accuracy {result['accuracy']:.4f}{top}, macro F1 {result['macro_f1']:.4f}, "
              f"weighted F1 {result['weighted_f1']:.4f}, loss {result['loss']:.4f} "
              f"on {result['images']} images"]
     weak = ", ".join(f"{c} {f1:.2f}" for c, f1 in weakest_classes(result))
@@ -133,16 +138,21 @@ def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, n: int
     return [(int(i), int(predicted[i]), float(confidence[i])) for i in order]
 
 
-def val_paths(manifest_path: Path, labels: torch.Tensor) -> list[str] | None:
-    """Image path of each val row (tensors keep manifest order), or None if they disagree."""
+def scored_split(meta: dict[str, Any]) -> str:
+    """The split to score: test, or val when there is no test split."""
+    return "test" if meta["counts"].get("test", 0) > 0 else "val"
+
+
+def split_paths(manifest_path: Path, labels: torch.Tensor, split: str) -> list[str] | None:
+    """Image path of each row of a split (tensors keep manifest order), or None if they differ."""
     try:
         manifest = pd.read_csv(manifest_path, keep_default_na=False)
     except FileNotFoundError:
         return None
-    val = manifest[manifest["split"] == "val"]
-    if len(val) != len(labels) or not np.array_equal(val["label"].to_numpy(), labels.numpy()):
+    rows = manifest[manifest["split"] == split]
+    if len(rows) != len(labels) or not np.array_equal(rows["label"].to_numpy(), labels.numpy()):
         return None
-    return val["path"].tolist()
+    return rows["path"].tolist()
 
 
 def thumbnail(path: str | None, stored: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
@@ -168,32 +178,34 @@ def thumbnail(path: str | None, stored: np.ndarray, meta: dict[str, Any]) -> np.
 
 
 def gallery(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], meta: dict[str, Any],
-            count: int, paths: list[str] | None) -> list[dict[str, Any]]:
-    """Thumbnails and captions of the `count` most confident mistakes (paths: val_paths)."""
+            count: int, paths: list[str] | None, split: str) -> list[dict[str, Any]]:
+    """Thumbnails and captions of the `count` most confident mistakes (paths: split_paths)."""
     found = confident_mistakes(logits, labels, count)
     if not found:
         return []
-    val = SplitDataset(TENSORS, "val")
-    return [{"image": thumbnail(paths[i] if paths else None, val.read(np.array([i]))[0], meta),
+    rows = SplitDataset(TENSORS, split)
+    return [{"image": thumbnail(paths[i] if paths else None, rows.read(np.array([i]))[0], meta),
              "true": classes[int(labels[i])], "predicted": classes[p], "confidence": conf,
-             "path": paths[i] if paths else f"val row {i}"}
+             "path": paths[i] if paths else f"{split} row {i}"}
             for i, p, conf in found]
 
 
 # ---------------------------------------------------------------- the stage
 
 def draw(result: dict[str, Any], matrix: np.ndarray, classes: list[str],
-         mistakes: list[dict[str, Any]], folder: Path) -> list[Path]:
+         mistakes: list[dict[str, Any]], folder: Path, split: str) -> list[Path]:
     """Write every evaluation PNG into folder; returns their paths."""
-    written = [plots.save(plots.confusion_figure(matrix, classes), folder / "confusion.png")]
+    written = [plots.save(plots.confusion_figure(matrix, classes, split),
+                          folder / "confusion.png")]
     if EPOCHS_LOG.exists():
         epochs = pd.read_csv(EPOCHS_LOG)
         written.append(plots.save(plots.loss_figure(epochs), folder / "loss.png"))
     else:
         print(f"note: {EPOCHS_LOG} not found: no loss curves")
-    written.append(plots.save(plots.per_class_figure(result["per_class"]),
+    written.append(plots.save(plots.per_class_figure(result["per_class"], split),
                               folder / "per_class_f1.png"))
-    written.append(plots.save(plots.mistakes_figure(mistakes), folder / "mistakes.png"))
+    written.append(plots.save(plots.mistakes_figure(mistakes, split),
+                              folder / "mistakes.png"))
     return written
 
 
@@ -218,7 +230,7 @@ def log_run(log: tracking.RunLogger, pipeline: tracking.RunLogger, result: dict[
 
 @cli
 def main() -> None:
-    """Score models/model.pt on the val split, draw the plots, log them to the training run."""
+    """Score models/model.pt on the test split, draw the plots, log them to the training run."""
     p = params.load()
     top_k = p.evaluate.top_k
     model, checkpoint = load_checkpoint(MODEL)
@@ -227,32 +239,40 @@ def main() -> None:
     if classes != meta["classes"]:
         raise UserError(f"{MODEL} was trained on other classes than {TENSORS} holds: "
                         "run `dvc repro` to retrain it")
-    val = SplitDataset(TENSORS, "val")
-    if len(val) == 0:
-        raise UserError("the val split is empty: add images or raise index.val_fraction")
+    split = scored_split(meta)
+    scored = SplitDataset(TENSORS, split)
+    if len(scored) == 0:
+        raise UserError("the test and val splits are empty: add images, or raise "
+                        "index.test_fraction")
     device = pick_device()
     fed = model_feed(meta, checkpoint["mean"], checkpoint["std"])  # as train fed the model
-    loader = torch.utils.data.DataLoader(val, batch_size=p.train.batch_size, collate_fn=as_batch)
+    loader = torch.utils.data.DataLoader(scored, batch_size=p.train.batch_size,
+                                         collate_fn=as_batch)
     logits, labels = predict(model.to(device), loader, device, fed)
 
     result = score(logits, labels, classes, top_k)
     matrix = confusion(logits, labels, len(classes))
     top = headline(result)
     write_json(METRICS, top)
-    write_json(DETAILS, {k: v for k, v in result.items() if k not in top})
+    write_json(DETAILS, {"split": split} | {k: v for k, v in result.items() if k not in top})
     names = pd.Series(classes)
     write_csv(CONFUSION, pd.DataFrame({"actual": names[labels.numpy()].to_numpy(),
                                        "predicted": names[logits.argmax(1).numpy()].to_numpy()}))
     write_csv(PER_CLASS, pd.DataFrame([{"class": c, **s}
                                        for c, s in result["per_class"].items()]))
-    paths = val_paths(MANIFEST, labels)
+    paths = split_paths(MANIFEST, labels, split)
     if paths is None:
-        print(f"note: {MANIFEST} does not match the val tensors; gallery shows stored pixels")
+        print(f"note: {MANIFEST} does not match the {split} tensors; gallery shows stored pixels")
     pngs = draw(result, matrix, classes,
-                gallery(logits, labels, classes, meta, p.evaluate.mistakes, paths), PLOTS)
-    report = summary(result, matrix, classes)
+                gallery(logits, labels, classes, meta, p.evaluate.mistakes, paths, split), PLOTS,
+                split)
+    report = summary(result, matrix, classes, split)
+    if split != "test":
+        report += ("\nnote: there is no test split, so this score comes from the val split, "
+                   "which also chose the best epoch: it is optimistic; hold out a test split "
+                   "with index.test_fraction or a data/raw/test folder")
     example = serving.example_image(paths[0] if paths else None,
-                                    thumbnail(None, val.read(np.array([0]))[0], meta))
+                                    thumbnail(None, scored.read(np.array([0]))[0], meta))
 
     with tracking.stage_run(p.mlflow.experiment, "evaluate", {}, meta["data_version"],
                             model_run=checkpoint.get("run_id")) as run:

@@ -1,4 +1,9 @@
-"""Index stage: walk data/raw/<class>/**, verify every image, and write the manifest.
+"""Index stage: walk data/raw, verify every image, split it, and write the manifest.
+
+Two layouts are read: class folders, data/raw/<class>/**, whose val and test splits are
+drawn from each class; or split folders, data/raw/<split>/<class>/** (train/val/test and
+their common synonyms, see SPLIT_FOLDERS), whose folders are the splits, and a split with
+no folder is drawn from train.
 
 Outputs:
     data/manifest.csv   one row per usable image: path, class, label, sha256, bytes,
@@ -35,6 +40,7 @@ from tqdm import tqdm
 from stages import params, tracking
 from stages.common import UserError, atomic_path, cache_root, cli, processes, write_csv, write_json
 from stages.imaging import IMAGE_EXTENSIONS, to_rgb
+from stages.tensors import SPLITS as SPLIT_NAMES
 
 RAW = Path("data/raw")
 MANIFEST = Path("data/manifest.csv")
@@ -46,6 +52,13 @@ CHECK_VERSION = 1   # bump when check_file decides differently: it invalidates t
 COLUMNS = ["path", "class", "label", "sha256", "bytes", "width", "height", "split"]
 FACTS = ("bytes", "width", "height", "reason")
 LAYOUT = "data/raw/<class>/<image>"
+SPLIT_LAYOUT = "data/raw/<split>/<class>/<image>"
+# Folder names that mean a split, in lower case: those of ImageNet, Ultralytics, Kaggle and
+# Roboflow exports, timm and fastai.
+SPLIT_FOLDERS = {"train": "train", "training": "train",
+                 "val": "val", "valid": "val", "validation": "val", "eval": "val",
+                 "test": "test", "testing": "test"}
+DRAWN = ("val", "test")  # splits drawn from train when they have no folder, in this order
 HIDDEN = "hidden (name starts with '.')"
 SUMMARY_CLASSES = 30  # the summary lists at most this many classes
 
@@ -56,10 +69,12 @@ SUMMARY_CLASSES = 30  # the summary lists at most this many classes
 class Walk:
     """What the walk found: candidate images per class, and everything it left out."""
 
-    images: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
-    classes: list[str] = field(default_factory=list)  # every class folder, even empty ones
+    images: list[tuple[str, str, str]] = field(default_factory=list)  # (path, class, folder split)
+    # (path, class, folder split) of every class folder, even empty ones
+    class_folders: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # kind -> count: not images, or hidden
     rejects: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    split_folders: dict[str, str] = field(default_factory=dict)  # split -> its folder's name
 
 
 def is_hidden(name: str) -> bool:
@@ -68,17 +83,77 @@ def is_hidden(name: str) -> bool:
 
 
 def walk(raw: Path) -> Walk:
-    """Find candidate images under raw/<class>/; symlinks are followed only inside their class."""
+    """Find candidate images under raw/<class>/ or raw/<split>/<class>/; refuse a mixed tree."""
     if not raw.is_dir():
         raise UserError(f"{raw.as_posix()} not found: put your images in {LAYOUT} "
-                        "(or `dvc pull` them)")
-    root = raw.resolve()
+                        f"or {SPLIT_LAYOUT} (or `dvc pull` them)")
     found = Walk()
+    root = raw.resolve()
+    entries = _scan(raw)
+    found.split_folders = split_layout(raw, entries)
+    if not found.split_folders:
+        _walk_folders(found, entries, root, "", LAYOUT)
+        return found
+    split_of = {name: split for split, name in found.split_folders.items()}
+    for entry in entries:
+        if entry.name in split_of:
+            _walk_folders(found, _scan(Path(entry.path)), root, split_of[entry.name],
+                          SPLIT_LAYOUT)
+        else:  # files and hidden entries: as in a class-folder tree
+            _walk_folders(found, [entry], root, "", SPLIT_LAYOUT)
+    check_split_classes(found, raw)
+    return found
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
     try:
-        entries = sorted(os.scandir(raw), key=lambda e: e.name)
+        return sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as err:
-        raise UserError(f"{raw.as_posix()} cannot be read ({err.strerror}): "
+        raise UserError(f"{folder.as_posix()} cannot be read ({err.strerror}): "
                         "fix its permissions") from None
+
+
+def split_layout(raw: Path, entries: list[os.DirEntry]) -> dict[str, str]:
+    """{split: folder name} when the top folders are all split names, {} when none is."""
+    folders = [e.name for e in entries
+               if not is_hidden(e.name) and _is_utf8(e.name) and e.is_dir()]
+    splits = [f for f in folders if f.lower() in SPLIT_FOLDERS]
+    if not splits:
+        return {}
+    classes = [f for f in folders if f.lower() not in SPLIT_FOLDERS]
+    where = raw.as_posix()
+    if classes:
+        raise UserError(f"{where} mixes split folders ({', '.join(splits[:3])}) with class "
+                        f"folders ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}): "
+                        f"put every class folder inside a split folder ({SPLIT_LAYOUT}), or "
+                        f"use no split folders ({LAYOUT})")
+    layout: dict[str, str] = {}
+    for name in splits:
+        split = SPLIT_FOLDERS[name.lower()]
+        if split in layout:
+            raise UserError(f"{where} has two folders for the {split} split ({layout[split]} "
+                            f"and {name}): merge them into one")
+        layout[split] = name
+    if "train" not in layout:
+        raise UserError(f"{where} has split folders ({', '.join(splits)}) but none for train: "
+                        f"add {where}/train/<class>/<image>")
+    return {s: layout[s] for s in SPLIT_NAMES if s in layout}
+
+
+def check_split_classes(found: Walk, raw: Path) -> None:
+    """A class in a val or test folder must have a train folder too: the model must learn it."""
+    train = {cls for _, cls, split in found.class_folders if split == "train"}
+    for path, cls, _ in found.class_folders:
+        if cls not in train:
+            raise UserError(f"{path} is a class that {raw.as_posix()}/"
+                            f"{found.split_folders['train']} lacks: add its training images "
+                            f"as {raw.as_posix()}/{found.split_folders['train']}/{cls}/, or "
+                            "remove the folder")
+
+
+def _walk_folders(found: Walk, entries: list[os.DirEntry], root: Path, split: str,
+                  layout: str) -> None:
+    """Walk the class folders among entries; split is the folder's split, '' for class folders."""
     for entry in entries:
         path = _shown(entry.path)
         if is_hidden(entry.name):
@@ -91,18 +166,17 @@ def walk(raw: Path) -> Walk:
                 found.rejects.append((path, f"symlink leads outside data/raw: to {real}; "
                                             "not read"))
             else:
-                found.classes.append(entry.name)
-                _walk_class(found, entry.path, entry.name, root)
+                found.class_folders.append((path, entry.name, split))
+                _walk_class(found, entry.path, entry.name, root, split)
         elif not os.path.exists(entry.path):
             found.rejects.append((path, "broken symlink: its target does not exist"))
         elif _is_image_name(entry.name):
-            found.rejects.append((path, f"image outside a class folder: move it into {LAYOUT}"))
+            found.rejects.append((path, f"image outside a class folder: move it into {layout}"))
         else:
             found.skipped[_kind_of_file(entry.name)] += 1
-    return found
 
 
-def _walk_class(found: Walk, class_dir: str, cls: str, root: Path) -> None:
+def _walk_class(found: Walk, class_dir: str, cls: str, root: Path, split: str) -> None:
     """Add the images below one class folder, nested folders included."""
     top = Path(os.path.realpath(class_dir))
     seen: dict[str, str] = {}  # real folder -> the path it was first walked as
@@ -134,14 +208,14 @@ def _walk_class(found: Walk, class_dir: str, cls: str, root: Path) -> None:
             elif not _is_utf8(entry.path):
                 found.rejects.append((_shown(entry.path), "name is not valid UTF-8: rename it"))
             elif not entry.is_symlink():
-                found.images.append((_shown(entry.path), cls))
+                found.images.append((_shown(entry.path), cls, split))
             elif not os.path.exists(entry.path):
                 found.rejects.append((_shown(entry.path),
                                       "broken symlink: its target does not exist"))
             elif outside := _outside(Path(os.path.realpath(entry.path)), top, root):
                 found.rejects.append((_shown(entry.path), outside))
             else:
-                found.images.append((_shown(entry.path), cls))
+                found.images.append((_shown(entry.path), cls, split))
         folders.extend(reversed(subfolders))
 
 
@@ -341,70 +415,93 @@ def drop_duplicates(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, s
     return rows.drop(index=dropped), rejects
 
 
-def assign_splits(rows: pd.DataFrame, val_fraction: float,
+def assign_splits(rows: pd.DataFrame, fractions: dict[str, float],
                   previous: dict[str, str]) -> pd.Series:
-    """Stratified train/val split that never moves an image seen before.
+    """Stratified train/val/test split that never moves an image seen before.
 
-    Images in `previous` (by content hash) keep their split. New images of each
-    class, taken in hash order, fill val up to round(val_fraction * n) of the
-    class, so a fresh index of the same files always gives the same split. A class
-    with a single image is only ever trained on.
+    A row whose `folder` column names val or test (split folders) is in that split.
+    The others, the pool (class folders, or the train folder), are train unless drawn:
+    for each split in `fractions` (those with no folder), new images of each class,
+    taken in hash order, fill it up to round(fraction * n) of the class, at least 1,
+    val first. Images in `previous` (by content hash) keep their split, so a fresh
+    index of the same files always gives the same split, and adding images never
+    moves old ones. A class needs 2 images for one drawn split and 3 for two: a
+    single image is only ever trained on, and a class of 2 is not tested.
     """
-    known_all = pd.Series([previous.get(sha, "") for sha in rows["sha256"]], index=rows.index,
-                          dtype=object)  # "" for an image never seen before
-    split = pd.Series("train", index=rows.index, dtype=object)
-    for _, group in rows.groupby("class", sort=False):
+    folder = rows["folder"] if "folder" in rows else pd.Series("", index=rows.index)
+    given = folder.isin(["val", "test"])
+    split = folder.where(given, "train").astype(object)
+    drawn = [s for s in DRAWN if fractions.get(s, 0) > 0]
+    pool = rows[~given]
+    for _, group in pool.groupby("class", sort=False):
         if len(group) < 2:
             continue
-        known = known_all[group.index]
+        known = pd.Series([previous.get(sha, "") for sha in group["sha256"]],
+                          index=group.index, dtype=object)
+        known = known.where(known.isin(["train", *drawn]), "")  # no longer drawn: drawn again
         split[group.index] = known.where(known != "", "train")
-        target = max(1, round(val_fraction * len(group))) if val_fraction > 0 else 0
-        need = target - int((known == "val").sum())
-        new = group[known == ""].sort_values("sha256")
-        split[new.index[:max(0, need)]] = "val"
+        fits = drawn[:len(group) - 1]  # leave at least one image to train on
+        targets = {s: max(1, round(fractions[s] * len(group))) for s in fits}
+        while sum(targets.values()) > len(group) - 1:  # small classes: round() overshoots
+            largest = max(targets, key=lambda s: targets[s])
+            targets[largest] -= 1
+        new = list(group[known == ""].sort_values("sha256").index)
+        for s in fits:
+            need = max(0, targets[s] - int((known == s).sum()))
+            split[new[:need]] = s
+            new = new[need:]
     return split
 
 
 # ---------------------------------------------------------------- the manifest
 
-def build_manifest(raw: Path, val_fraction: float, max_pixels: int, workers: int,
-                   previous_splits: dict[str, str], cache: dict[str, Any]
+def build_manifest(raw: Path, val_fraction: float, test_fraction: float, max_pixels: int,
+                   workers: int, previous_splits: dict[str, str], cache: dict[str, Any]
                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Walk, check, de-duplicate and split: returns the manifest, rejects and a summary."""
     found = walk(raw)
-    facts, decoded = check_all([p for p, _ in found.images], max_pixels, workers, cache)
+    facts, decoded = check_all([p for p, _, _ in found.images], max_pixels, workers, cache)
     rejects = list(found.rejects)
     rows = []
-    for (path, cls), f in zip(found.images, facts):
+    for (path, cls, folder), f in zip(found.images, facts):
         if f["reason"]:
             rejects.append((path, f["reason"]))
         else:
-            rows.append((path, cls, f["sha256"], f["bytes"], f["width"], f["height"]))
-    frame = pd.DataFrame(rows, columns=["path", "class", "sha256", "bytes", "width", "height"])
+            rows.append((path, cls, folder, f["sha256"], f["bytes"], f["width"], f["height"]))
+    frame = pd.DataFrame(rows, columns=["path", "class", "folder", "sha256", "bytes", "width",
+                                        "height"])
     frame, duplicates = drop_duplicates(frame)
     rejects += duplicates
 
     counts = frame["class"].value_counts()
-    empty = [c for c in found.classes if c not in counts]
-    rejects += [(f"{raw.as_posix()}/{c}", "class without usable images: the class is left out")
-                for c in empty]
+    empty = sorted({c for _, c, _ in found.class_folders if c not in counts})
+    rejects += [(path, "class without usable images: the class is left out")
+                for path, c, _ in found.class_folders if c in empty]
     classes = sorted(counts.index)
+    fractions = {s: f for s, f in (("val", val_fraction), ("test", test_fraction))
+                 if s not in found.split_folders}
     frame["label"] = frame["class"].map({c: i for i, c in enumerate(classes)})
-    frame["split"] = assign_splits(frame, val_fraction, previous_splits)
+    frame["split"] = assign_splits(frame, fractions, previous_splits)
     frame = frame.sort_values("path", kind="stable")[COLUMNS].reset_index(drop=True)
     reject_frame = pd.DataFrame(sorted(rejects), columns=["path", "reason"])
     per_split = frame.groupby(["class", "split"]).size()
+    per_class = {c: {s: int(per_split.get((c, s), 0)) for s in SPLIT_NAMES} for c in classes}
+    tested = "test" in found.split_folders or fractions.get("test", 0) > 0
     summary = {
         "images": len(frame), "classes": len(classes),
-        "train": int((frame["split"] == "train").sum()),
-        "val": int((frame["split"] == "val").sum()),
+        **{s: int((frame["split"] == s).sum()) for s in SPLIT_NAMES},
         "rejected": len(reject_frame), "skipped": sum(found.skipped.values()),
         "checked": decoded, "reused": len(found.images) - decoded,
-        "per_class": {c: {s: int(per_split.get((c, s), 0)) for s in ("train", "val")}
-                      for c in classes},
+        "layout": "split folders" if found.split_folders else "class folders",
+        "split_folders": found.split_folders,
+        "drawn": {s: fractions[s] for s in DRAWN if s in fractions},
+        "per_class": per_class,
         "rejects_by_reason": dict(sorted(Counter(reason_kind(r) for _, r in rejects).items())),
         "skipped_by_reason": dict(sorted(found.skipped.items())),
         "single_image_classes": [c for c in classes if counts[c] == 1],
+        "untested_classes": [c for c in classes if tested and counts[c] > 1
+                             and per_class[c]["test"] == 0],
+        "untrained_classes": [c for c in classes if per_class[c]["train"] == 0],
         "empty_classes": empty,
     }
     return frame, reject_frame, summary
@@ -426,17 +523,43 @@ def require_classes(summary: dict[str, Any], raw: Path = RAW) -> None:
         only = next(iter(summary["per_class"]))
         raise UserError(f"found only 1 class with usable images under {raw.as_posix()} "
                         f"({only!r}){rejected}: need at least 2, laid out as {LAYOUT}")
+    if summary["untrained_classes"]:  # the model could never learn it, yet it would be scored
+        cls = summary["untrained_classes"][0]
+        train = summary["split_folders"].get("train")
+        if train:
+            raise UserError(f"class {cls!r} has no usable images in {raw.as_posix()}/{train}/"
+                            f"{cls}{rejected}: add images the model can learn it from")
+        raise UserError(f"class {cls!r} has no image to train on: {SPLITS.as_posix()} keeps all "
+                        "of its images in val or test; add images to it, or delete "
+                        f"{SPLITS.as_posix()} to split afresh")
+
+
+def layout_line(summary: dict[str, Any]) -> str:
+    """Which layout was read, and where each split came from."""
+    folders = summary["split_folders"]
+    if folders:
+        parts = [f"{s} from {RAW.as_posix()}/{folders[s]}/" for s in SPLIT_NAMES if s in folders]
+        head = f"read split folders ({SPLIT_LAYOUT}): " + ", ".join(parts)
+    else:
+        head = f"read class folders ({LAYOUT})"
+    drawn = [f"{s} {f:.0%}" for s, f in summary["drawn"].items() if f > 0]
+    none = [s for s in summary["drawn"] if summary["drawn"][s] == 0]
+    tail = (f"; drawn from {'train' if folders else 'each class'}: {', '.join(drawn)}"
+            if drawn else "")
+    tail += "".join(f"; no {s} split (index.{s}_fraction is 0)" for s in none)
+    return head + tail
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     """A short, readable report of what was indexed and what was left out."""
     print(f"\nindexed {summary['images']} images in {summary['classes']} classes: "
-          f"{summary['train']} train, {summary['val']} val")
+          + ", ".join(f"{summary[s]} {s}" for s in SPLIT_NAMES))
+    print(layout_line(summary))
     shown = list(summary["per_class"].items())[:SUMMARY_CLASSES]
     width = max([len("class")] + [len(c) for c, _ in shown])
-    print(f"  {'class':<{width}}  {'train':>6}  {'val':>6}")
+    print(f"  {'class':<{width}}" + "".join(f"  {s:>6}" for s in SPLIT_NAMES))
     for cls, n in shown:
-        print(f"  {cls:<{width}}  {n['train']:>6}  {n['val']:>6}")
+        print(f"  {cls:<{width}}" + "".join(f"  {n[s]:>6}" for s in SPLIT_NAMES))
     if summary["classes"] > len(shown):
         print(f"  ... and {summary['classes'] - len(shown)} more classes "
               f"(see {METRICS.as_posix()})")
@@ -452,24 +575,46 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"reused {summary['reused']} earlier checks")
     for cls in summary["single_image_classes"]:
         print(f"warning: class {cls!r} has a single image: it is trained on but never "
-              "validated; add more images to it")
+              "validated or tested; add more images to it")
+    untested = [c for c in summary["untested_classes"]
+                if c not in summary["single_image_classes"]]
+    if untested:
+        names = ", ".join(repr(c) for c in untested[:SUMMARY_CLASSES])
+        more = (f" and {len(untested) - SUMMARY_CLASSES} more"
+                if len(untested) > SUMMARY_CLASSES else "")
+        one = len(untested) == 1
+        folder = summary["split_folders"].get("test")
+        needs = 1 + sum(f > 0 for f in summary["drawn"].values())  # see assign_splits
+        fix = (f"add their images to {RAW.as_posix()}/{folder}/" if folder
+               else f"add images: a class needs {needs} for a test image")
+        print(f"warning: {len(untested)} {'class has' if one else 'classes have'} no test "
+              f"image, so the headline score leaves {'it' if one else 'them'} out: "
+              f"{names}{more}; {fix}")
     for cls in summary["empty_classes"]:
         print(f"warning: class folder {cls!r} has no usable images: it is left out")
 
 
 # ---------------------------------------------------------------- state between runs
 
-def read_previous_splits(val_fraction: float) -> dict[str, str]:
-    """Splits from earlier runs, unless val_fraction changed (then start afresh)."""
+def read_previous_splits(val_fraction: float, test_fraction: float) -> tuple[dict[str, str], bool]:
+    """Splits from earlier runs, unless a fraction changed (then start afresh).
+
+    Also says whether the history predates test splits (it records no test_fraction):
+    its images keep train or val, and only new images are drawn into test, since moving
+    an image that was trained on into test would score the model on what it learnt.
+    """
     try:
         state = json.loads(SPLITS.read_text(encoding="utf-8"))
-        splits = state["splits"] if state["val_fraction"] == val_fraction else {}
+        legacy = "test_fraction" not in state
+        same = (state["val_fraction"] == val_fraction
+                and (legacy or state["test_fraction"] == test_fraction))
+        splits = state["splits"] if same else {}
     except FileNotFoundError:
-        return {}
+        return {}, False
     except (ValueError, KeyError, TypeError):
         print(f"warning: {SPLITS} is unreadable: splitting afresh", file=sys.stderr)
-        return {}
-    return {sha: s for sha, s in splits.items() if s in ("train", "val")}
+        return {}, False
+    return {sha: s for sha, s in splits.items() if s in SPLIT_NAMES}, legacy and bool(splits)
 
 
 def cache_path() -> Path:
@@ -516,27 +661,34 @@ def main() -> None:
     tracking.check_reachable(tracking.tracking_uri())  # fail before the work, not after
 
     cache = load_cache(max_pixels)
-    history = read_previous_splits(p.index.val_fraction)
-    manifest, rejects, summary = build_manifest(RAW, p.index.val_fraction, max_pixels,
-                                                workers, history, cache)
+    history, legacy = read_previous_splits(p.index.val_fraction, p.index.test_fraction)
+    manifest, rejects, summary = build_manifest(RAW, p.index.val_fraction,
+                                                p.index.test_fraction, max_pixels, workers,
+                                                history, cache)
     save_cache(cache)
     write_csv(REJECTS, rejects)
     require_classes(summary)
     write_csv(MANIFEST, manifest)
     # Keep images that left the tree too: if they come back, they return to their split.
     write_json(SPLITS, {"val_fraction": p.index.val_fraction,
+                        "test_fraction": p.index.test_fraction,
                         "splits": history | dict(zip(manifest["sha256"], manifest["split"]))})
     summary["data_version"] = tracking.file_digest(MANIFEST)
     write_json(METRICS, summary)
     print_summary(summary)
+    if legacy and summary["drawn"].get("test", 0) > 0:
+        print(f"note: {SPLITS.as_posix()} is from before imgpipe held out a test split: images "
+              "indexed before keep their train or val split and only new images fill test "
+              f"(it holds {summary['test']}); delete {SPLITS.as_posix()} and rerun to split "
+              "every image afresh")
 
     logged = {"index": p.index.model_dump() | {"max_pixels": max_pixels}, "workers": workers}
     with tracking.stage_run(p.mlflow.experiment, "index", logged, summary["data_version"]):
         import mlflow
 
-        mlflow.log_metrics({k: summary[k] for k in ("images", "classes", "train", "val",
+        mlflow.log_metrics({k: summary[k] for k in ("images", "classes", *SPLIT_NAMES,
                                                    "rejected", "skipped", "checked", "reused")})
-        mlflow.log_metrics({tracking.metric_key(f"class.{c}"): n["train"] + n["val"]
+        mlflow.log_metrics({tracking.metric_key(f"class.{c}"): sum(n.values())
                             for c, n in summary["per_class"].items()})
         if summary["rejects_by_reason"]:
             mlflow.log_metrics({tracking.metric_key(f"rejected.{k}"): v

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.common import PARAMS_FILE, UserError, cli, load_params
 
@@ -69,9 +69,20 @@ class Index(Section):
     val_fraction: float = knob(0.2, "share of each class held out for validation, chosen by "
                                     "content hash so that adding images never moves old ones",
                                ge=0, lt=1)
+    test_fraction: float = knob(0.1, "share of each class held out as the test split, the "
+                                     "one evaluate scores (`0`: none; evaluate then scores val)",
+                                ge=0, lt=1)
     max_pixels: PositiveInt | None = knob(
         None, "images with more pixels are rejected without being decoded (decompression "
               "bombs); `null` means Pillow's limit (about 89 million)")
+
+    @model_validator(mode="after")
+    def _leaves_images_to_train_on(self) -> Index:
+        total = self.val_fraction + self.test_fraction
+        if total >= 1:
+            raise ValueError(f"index.val_fraction + index.test_fraction is {total:g}: leave "
+                             "images to train on, e.g. 0.2 and 0.1")
+        return self
 
 
 class Preprocess(Section):
@@ -277,6 +288,8 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
 
 def explain(problem: dict[str, Any], raw: dict[str, Any]) -> str:
     """One pydantic error as a line that names the key and its fix."""
+    if problem["type"] == "value_error":  # a check across keys: its message names them
+        return str(problem["ctx"]["error"])
     path = list(_key_path(problem))
     name = ".".join(path)
     model, where = _model_at(path[:-1])

@@ -24,7 +24,7 @@ def save(fig: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
-def confusion_figure(matrix: np.ndarray, classes: list[str]) -> Figure:
+def confusion_figure(matrix: np.ndarray, classes: list[str], split: str) -> Figure:
     """Confusion matrix normalised by row (share of each true class), with class names."""
     counts = np.asarray(matrix, dtype=np.float64)
     rows = counts.sum(axis=1, keepdims=True)
@@ -39,7 +39,7 @@ def confusion_figure(matrix: np.ndarray, classes: list[str]) -> Figure:
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix (val), normalised by row")
+    ax.set_title(f"Confusion matrix ({split}), normalised by row")
     if n <= 30:  # beyond that the numbers no longer fit in their cells
         for i in range(n):
             for j in range(n):
@@ -69,7 +69,7 @@ def loss_figure(epochs: pd.DataFrame) -> Figure:
     return fig
 
 
-def per_class_figure(per_class: dict[str, dict[str, Any]]) -> Figure:
+def per_class_figure(per_class: dict[str, dict[str, Any]], split: str) -> Figure:
     """Horizontal bars of F1 per class, weakest at the top, with precision and recall marked."""
     names = sorted(per_class, key=lambda c: per_class[c]["f1"])
     f1 = [per_class[c]["f1"] for c in names]
@@ -87,20 +87,20 @@ def per_class_figure(per_class: dict[str, dict[str, Any]]) -> Figure:
     ax.set_yticks(y, names)
     ax.invert_yaxis()  # weakest first, where the eye starts
     ax.set_xlim(0, 1.0)
-    ax.set_xlabel("score on the val split")
-    ax.set_title("F1 per class (val), weakest first")
+    ax.set_xlabel(f"score on the {split} split")
+    ax.set_title(f"F1 per class ({split}), weakest first")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
     return fig
 
 
-def mistakes_figure(mistakes: list[dict[str, Any]], columns: int = 4) -> Figure:
+def mistakes_figure(mistakes: list[dict[str, Any]], split: str, columns: int = 4) -> Figure:
     """A gallery of mistakes: each thumbnail with its true class, predicted class and confidence.
 
     Each item holds `image` (H, W, 3 uint8), `true`, `predicted`, `confidence` and `path`.
     """
     if not mistakes:
         fig = Figure(figsize=(5, 1.5))
-        fig.text(0.5, 0.5, "No mistakes on the val split", ha="center", va="center")
+        fig.text(0.5, 0.5, f"No mistakes on the {split} split", ha="center", va="center")
         return fig
     columns = min(columns, len(mistakes))
     rows = -(-len(mistakes) // columns)
@@ -113,5 +113,5 @@ def mistakes_figure(mistakes: list[dict[str, Any]], columns: int = 4) -> Figure:
         ax.set_xlabel(Path(item["path"]).name, fontsize=6)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Most confident mistakes (val)")
+    fig.suptitle(f"Most confident mistakes ({split})")
     return fig

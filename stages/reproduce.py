@@ -8,6 +8,9 @@ a run of a DVC experiment (tag dvc.experiment) is restored with `dvc exp apply`,
 run with `git checkout <git.commit>` and `dvc checkout`. Then `dvc repro -f` rebuilds every
 stage, logging new runs tagged imgpipe.reproduces=RUN_ID, and the metrics that do not depend on
 timing are compared with the logged ones: exactly on the CPU, within GPU_TOLERANCE on a GPU.
+They are best_* (the val split, which chose the epoch) and eval_* (the test split, the
+headline; with no test split, val). data/splits.json, the split history, is restored with the
+run's data, so the rebuild splits and scores the same images (eval_images counts them).
 The exit code is 0 only when all of them agree. Uncommitted changes are never overwritten.
 """
 
@@ -38,8 +41,8 @@ STAGE_TAG = "imgpipe.stage"
 REPRODUCES_TAG = "imgpipe.reproduces"
 REPRODUCES_ENV = "IMGPIPE_REPRODUCES"  # read by tracking.run_tags in every stage
 COMMIT_ENV = "IMGPIPE_GIT_COMMIT"  # read by tracking.git_commit: the commit the code is from
-# Metrics that do not depend on timing; eval_* are compared too (images/s, epoch time,
-# data wait, system/* and the step losses' timestamps are not).
+# Metrics that do not depend on timing: best_* (val) and eval_* (test) are compared (images/s,
+# epoch time, data wait, system/* and the step losses' timestamps are not).
 BEST_METRICS = ("best_epoch", "best_val_loss", "best_val_acc")
 EVAL_PREFIX = "eval_"
 # On a GPU, cuDNN's and atomics' summation order changes from run to run.

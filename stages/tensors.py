@@ -7,7 +7,7 @@ Layout of data/tensors/:
                                already normalised (the default), or uint8 raw pixels that
                                `to_device` normalises (meta["dtype"])
     train/labels-<digest>.npy  (N,) int64 labels of the whole split
-    val/...
+    val/..., test/...          the same for the other splits (a split may hold no rows)
 Rows keep the order of data/manifest.csv within each split. Shard boundaries
 are content-defined: a shard ends after a row whose image hash falls in a fixed
 slice of hash space (see `plan_shards`), the way rsync and restic cut files
@@ -35,7 +35,8 @@ from stages.common import UserError
 if TYPE_CHECKING:
     import torch
 
-SPLITS = ("train", "val")
+# train is learnt from, val chooses the epoch, and test (never seen by training) is scored.
+SPLITS = ("train", "val", "test")
 SHARD_MB = 4.0        # default average shard size (params: preprocess.shard_mb)
 MAX_SHARD_FACTOR = 4  # no shard holds more than 4x the average
 

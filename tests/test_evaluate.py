@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import dvc, mlflow_runs
+from conftest import dvc, mlflow_runs, set_params
 
 from stages import evaluate
 
@@ -76,12 +76,15 @@ def test_summary_names_weakest_classes_and_confused_pairs():
     result = evaluate.score(LOGITS, LABELS, CLASSES, top_k=2)
     assert [c for c, _ in evaluate.weakest_classes(result, 2)] == ["one", "two"]
     assert evaluate.confused_pairs(MATRIX, CLASSES) == [("zero", "one", 1), ("one", "two", 1)]
-    text = evaluate.summary(result, MATRIX, CLASSES)
+    text = evaluate.summary(result, MATRIX, CLASSES, "test")
     assert "weakest classes (F1): one 0.50, two 0.67, zero 0.80" in text
     assert "zero -> one (1x), one -> two (1x)" in text
     assert "top2 0.8333" in text
+    assert text.startswith("test accuracy 0.6667, top2 0.8333, macro F1 ")
+    assert text.splitlines()[0].endswith(" on 6 images")
+    assert evaluate.summary(result, MATRIX, CLASSES, "val").startswith("val accuracy 0.6667")
     perfect = evaluate.summary(evaluate.score(LOGITS, LOGITS.argmax(1), CLASSES), np.eye(3),
-                               CLASSES)
+                               CLASSES, "test")
     assert "most confused (true -> predicted): none" in perfect
 
 
@@ -101,6 +104,12 @@ def test_repro_writes_metrics_plots_and_training_run_artifacts(built_repo, tmp_p
     assert all(isinstance(v, float) for v in result.values())
     details = json.loads((built_repo / "metrics/eval_details.json").read_text())
     assert isinstance(details["weighted_f1"], float)
+    # Scored on exactly the test split's images, in manifest order.
+    manifest = pd.read_csv(built_repo / "data/manifest.csv", keep_default_na=False)
+    test = manifest[manifest["split"] == "test"]
+    assert details["split"] == "test" and details["images"] == len(test) > 0
+    confusion = pd.read_csv(built_repo / "metrics/confusion.csv", keep_default_na=False)
+    assert list(confusion["actual"]) == list(test["class"])
     classes = sorted(details["per_class"])
     assert len(classes) == 10
     assert sum(c["support"] for c in details["per_class"].values()) == details["images"]
@@ -129,29 +138,33 @@ def test_repro_writes_metrics_plots_and_training_run_artifacts(built_repo, tmp_p
     out = tmp_path / "page"
     dvc(built_repo, "plots", "show", "-o", str(out))
     html = (out / "index.html").read_text()
-    for title in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (val)",
-                  "F1 per class (val)"):
+    for title in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (test)",
+                  "F1 per class (test)"):
         assert f'"text": "{title}"' in html, title
     for name in PNGS:
         assert f'src="static/workspace_plots_{name}"' in html, name
         assert (out / "static" / f"workspace_plots_{name}").stat().st_size > 1000
 
 
-def test_gallery_shows_val_images_with_their_true_class(built_repo, monkeypatch):
+def test_gallery_shows_test_images_with_their_true_class(built_repo, monkeypatch):
     monkeypatch.chdir(built_repo)
     from stages.models import load_checkpoint, pick_device, predict
     from stages.tensors import SplitDataset, as_batch, read_meta
 
     model, checkpoint = load_checkpoint(evaluate.MODEL)
     meta = read_meta(evaluate.TENSORS)
-    loader = torch.utils.data.DataLoader(SplitDataset(evaluate.TENSORS, "val"), batch_size=64,
+    assert evaluate.scored_split(meta) == "test"
+    loader = torch.utils.data.DataLoader(SplitDataset(evaluate.TENSORS, "test"), batch_size=64,
                                          collate_fn=as_batch)
     logits, labels = predict(model, loader, pick_device(), meta)
-    paths = evaluate.val_paths(evaluate.MANIFEST, labels)
-    assert paths is not None
-    items = evaluate.gallery(logits, labels, checkpoint["classes"], meta, 4, paths)
+    paths = evaluate.split_paths(evaluate.MANIFEST, labels, "test")
+    manifest = pd.read_csv(evaluate.MANIFEST, keep_default_na=False)
+    assert paths == manifest.loc[manifest["split"] == "test", "path"].tolist()
+    assert evaluate.split_paths(evaluate.MANIFEST, labels, "val") is None  # other rows
+    items = evaluate.gallery(logits, labels, checkpoint["classes"], meta, 4, paths, "test")
     assert 0 < len(items) <= 4
     for item in items:
+        assert item["path"] in paths
         assert item["path"].split("/")[-2] == item["true"] != item["predicted"]
         assert item["image"].dtype == np.uint8 and item["image"].shape[2] == 3
 
@@ -180,3 +193,19 @@ def test_metrics_and_plots_diff_show_an_lr_change(clone_built, tmp_path):
             assert f'src="static/{rev}_plots_{name}"' in html, (rev, name)
     assert (page / "static" / "HEAD_plots_confusion.png").read_bytes() != (
         page / "static" / f"{exp}_plots_confusion.png").read_bytes()
+
+
+def test_without_a_test_split_val_is_scored_and_said_to_be_optimistic(clone_built):
+    repo = clone_built()
+    set_params(repo, index={"test_fraction": 0})
+    out = dvc(repo, "repro").stdout
+    manifest = pd.read_csv(repo / "data/manifest.csv", keep_default_na=False)
+    assert set(manifest["split"]) == {"train", "val"}
+    details = json.loads((repo / "metrics/eval_details.json").read_text())
+    assert details["split"] == "val" and details["images"] == (manifest["split"] == "val").sum()
+    assert f"val accuracy {json.loads((repo / 'metrics/eval.json').read_text())['accuracy']:.4f}" \
+        in out
+    notes = [line for line in out.splitlines() if "there is no test split" in line]
+    assert notes == ["note: there is no test split, so this score comes from the val split, "
+                     "which also chose the best epoch: it is optimistic; hold out a test split "
+                     "with index.test_fraction or a data/raw/test folder"]

@@ -50,11 +50,12 @@ def inside(folder: Path) -> Iterator[None]:
 
 
 def build(repo: Path, history: dict[str, str] | None = None, cache: dict | None = None,
-          max_pixels: int = MAX_PIXELS, workers: int = 1, val_fraction: float = 0.2
-          ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+          max_pixels: int = MAX_PIXELS, workers: int = 1, val_fraction: float = 0.2,
+          test_fraction: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Index repo/data/raw the way the stage does, without writing anything."""
     with inside(repo):
-        return index.build_manifest(index.RAW, val_fraction, max_pixels, workers, history or {},
+        return index.build_manifest(index.RAW, val_fraction, test_fraction, max_pixels, workers,
+                                    history or {},
                                     index.load_cache(max_pixels) if cache is None else cache)
 
 
@@ -115,12 +116,17 @@ def test_summary_reads_well(corpus, capsys):
     index.print_summary(summary)
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert lines[0] == "indexed 29 images in 6 classes: 23 train, 6 val"
-    assert "  Dog Photos      11       3" in lines  # a table of classes, with train and val
+    assert lines[0] == "indexed 29 images in 6 classes: 21 train, 6 val, 2 test"
+    assert lines[1] == ("read class folders (data/raw/<class>/<image>); drawn from each class: "
+                        "val 20%, test 10%")
+    assert "  Dog Photos      10       3       1" in lines  # a table of classes and splits
     assert "rejected 22 entries (see data/rejects.csv):" in lines
     assert "       4  not an image" in lines  # grouped by kind of reason
     assert "       5  hidden (name starts with '.')" in lines
     assert "       1  not an image (.txt)" in lines
+    # v1.2 has 2 images: too few for all three splits, so it is named.
+    assert ("warning: 1 class has no test image, so the headline score leaves it out: 'v1.2'; "
+            "add images: a class needs 3 for a test image") in lines
     assert len(lines) < 50
 
 
@@ -174,29 +180,163 @@ def splits_of(manifest: pd.DataFrame) -> dict[str, str]:
 
 def test_split_is_stable_and_stratified_as_data_grows(tmp_path):
     raw = tmp_path / "data" / "raw"
-    sizes = {"a": 40, "b": 60, "c": 25, "d": 20, "e": 5}
+    sizes = {"a": 40, "b": 60, "c": 25, "d": 20, "e": 5, "f": 3}
     for cls, n in sizes.items():
         write_class(raw, cls, n)
-    first, _, _ = build(tmp_path, workers=2)
+    first, _, summary = build(tmp_path, workers=2)
     assert splits_of(build(tmp_path, cache={"files": {}, "facts": {}})[0]) == splits_of(first)
+    assert summary["untested_classes"] == []
 
     for cls, n in sizes.items():  # 10% more in every class
         write_class(raw, cls, -(-n // 10), start=n)
     history = dict(zip(first["sha256"], first["split"]))
     grown, _, _ = build(tmp_path, history, workers=2)
     old = grown[grown["path"].isin(first["path"])]
-    assert splits_of(old) == splits_of(first)  # no old image changed split
+    assert splits_of(old) == splits_of(first)  # no old image changed split, in any of the three
+    assert set(first["split"]) == {"train", "val", "test"}
     for frame in (first, grown):
         for cls, group in frame.groupby("class"):
+            shares = group["split"].value_counts(normalize=True)
+            assert shares["test"] >= 0.05 and shares["train"] > 0, (cls, shares)
             if len(group) >= 20:
-                share = (group["split"] == "val").mean()
-                assert abs(share - 0.2) <= 0.03, (cls, share)
+                assert abs(shares["val"] - 0.2) <= 0.03, (cls, shares)
+                assert abs(shares["test"] - 0.1) <= 0.03, (cls, shares)
+
+
+def test_small_classes_fill_val_before_test_and_keep_one_to_train():
+    rows = pd.DataFrame({"class": ["x", "y", "y", "z", "z", "z"],
+                         "sha256": ["s1", "s2", "s3", "s4", "s5", "s6"]})
+    split = index.assign_splits(rows, {"val": 0.2, "test": 0.1}, {})
+    assert list(split) == ["train", "val", "train", "val", "test", "train"]
+    # Fractions whose rounding asks for more than a class holds still leave one to train on.
+    rows = pd.DataFrame({"class": ["z"] * 3, "sha256": ["s1", "s2", "s3"]})
+    assert sorted(index.assign_splits(rows, {"val": 0.5, "test": 0.4}, {})) == [
+        "test", "train", "val"]
 
 
 def test_a_lone_image_is_never_val_even_if_it_was_before():
     rows = pd.DataFrame({"class": ["x", "y", "y"], "sha256": ["s1", "s2", "s3"]})
-    split = index.assign_splits(rows, 0.5, {"s1": "val", "s2": "val"})
+    split = index.assign_splits(rows, {"val": 0.5}, {"s1": "val", "s2": "val"})
     assert list(split) == ["train", "val", "train"]
+
+
+def test_a_history_from_before_test_splits_keeps_every_image_and_new_ones_fill_test(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    for cls in ("a", "b"):
+        write_class(raw, cls, 30)
+    old, _, _ = build(tmp_path, test_fraction=0)  # as imgpipe split before it held out test
+    assert set(old["split"]) == {"train", "val"}
+    (tmp_path / "data/splits.json").write_text(json.dumps(
+        {"val_fraction": 0.2, "splits": dict(zip(old["sha256"], old["split"]))}))
+    with inside(tmp_path):
+        history, legacy = index.read_previous_splits(0.2, 0.1)
+    assert legacy and history == dict(zip(old["sha256"], old["split"]))
+
+    same, _, summary = build(tmp_path, history)
+    assert splits_of(same) == splits_of(old)  # no image trained on moves into test
+    assert summary["test"] == 0 and summary["untested_classes"] == ["a", "b"]
+    for cls in ("a", "b"):
+        write_class(raw, cls, 5, start=30)
+    grown, _, _ = build(tmp_path, history)
+    assert splits_of(grown[grown["path"].isin(old["path"])]) == splits_of(old)
+    new = grown[~grown["path"].isin(old["path"])]
+    assert (new.groupby("class")["split"].apply(lambda s: (s == "test").sum()) == 4).all()
+
+
+def test_a_changed_fraction_splits_afresh(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/splits.json").write_text(json.dumps(
+        {"val_fraction": 0.2, "test_fraction": 0.1, "splits": {"s1": "test", "s2": "val"}}))
+    with inside(tmp_path):
+        assert index.read_previous_splits(0.2, 0.1) == ({"s1": "test", "s2": "val"}, False)
+        assert index.read_previous_splits(0.2, 0.15) == ({}, False)
+        assert index.read_previous_splits(0.25, 0.1) == ({}, False)
+
+
+def test_the_first_index_after_the_upgrade_says_what_it_kept(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    for cls in ("a", "b"):
+        write_class(raw, cls, 30)
+    old, _, _ = build(tmp_path, test_fraction=0)
+    (tmp_path / "data/splits.json").write_text(json.dumps(  # as imgpipe wrote it before
+        {"val_fraction": 0.2, "splits": dict(zip(old["sha256"], old["split"]))}))
+    for cls in ("a", "b"):
+        write_class(raw, cls, 5, start=30)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=tmp_path,
+                          env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("note: data/splits.json is from before imgpipe held out a test split: images "
+            "indexed before keep their train or val split and only new images fill test "
+            "(it holds 8); delete data/splits.json and rerun to split every image afresh"
+            ) in proc.stdout
+    manifest = pd.read_csv(tmp_path / "data/manifest.csv", keep_default_na=False)
+    assert splits_of(manifest[manifest["path"].isin(old["path"])]) == splits_of(old)
+    state = json.loads((tmp_path / "data/splits.json").read_text())
+    assert state["test_fraction"] == 0.1  # from now on, a history like any other
+    assert sorted(state["splits"].values()).count("test") == 8
+
+
+# ---------------------------------------------------------------- split folders
+
+# Split folder names as datasets ship them: (train, val, test); None: no such folder.
+LAYOUTS = {
+    "imagenet": ("train", "val", "test"),
+    "roboflow, capitalised": ("Train", "valid", "TEST"),
+    "long names": ("training", "Validation", "testing"),
+    "eval, no test": ("train", "eval", None),
+    "fastai, no test": ("train", "valid", None),
+    "train and test only": ("TRAIN", None, "Test"),
+    "train only": ("train", None, None),
+}
+COUNTS = {"train": 20, "val": 6, "test": 5}  # images per class in each split folder
+
+
+def write_split_tree(raw: Path, folders: tuple[str | None, ...]) -> None:
+    """Three classes in each split folder given; every image differs from all others."""
+    for n, (folder, split) in enumerate(zip(folders, COUNTS)):
+        if folder is not None:
+            for cls in ("cat", "dog", "Emu"):
+                write_class(raw / folder, cls, COUNTS[split], start=1000 * n)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_split_folders_are_the_splits_and_missing_ones_are_drawn_from_train(tmp_path, layout):
+    folders = LAYOUTS[layout]
+    write_split_tree(tmp_path / "data/raw", folders)
+    manifest, _, summary = build(tmp_path)
+    assert sorted(manifest["class"].unique()) == ["Emu", "cat", "dog"]
+    given = {f: s for f, s in zip(folders, COUNTS) if f is not None}
+    folder = manifest["path"].str.split("/").str[2].map(given)  # the split of each image's folder
+    for split in ("val", "test"):
+        chosen = manifest["split"] == split
+        if split in given.values():  # exactly its folder's images
+            assert chosen.equals(folder == split)
+            assert chosen.sum() == 3 * COUNTS[split]
+        else:  # drawn from the train folder's images, in each class
+            assert (folder[chosen] == "train").all()
+            drawn = {"val": round(0.2 * COUNTS["train"]), "test": round(0.1 * COUNTS["train"])}
+            assert (manifest[chosen].groupby("class").size() == drawn[split]).all()
+            assert len(manifest[chosen].groupby("class")) == 3
+    assert summary["layout"] == "split folders"
+    assert summary["split_folders"] == {s: f for f, s in given.items()}
+    assert index.layout_line(summary).startswith(
+        f"read split folders (data/raw/<split>/<class>/<image>): train from data/raw/"
+        f"{folders[0]}/")
+
+
+def test_an_image_moved_between_split_folders_takes_its_new_folders_split(tmp_path):
+    raw = tmp_path / "data/raw"
+    write_split_tree(raw, ("train", None, "test"))
+    first, _, _ = build(tmp_path)
+    history = dict(zip(first["sha256"], first["split"]))
+    moved = next(p for p, s in splits_of(first).items() if s == "train")
+    target = raw / "test" / Path(moved).relative_to("data/raw/train")
+    (tmp_path / moved).rename(target)
+    again, _, _ = build(tmp_path, history)
+    assert splits_of(again)[target.relative_to(tmp_path).as_posix()] == "test"
+    unmoved = again[again["path"].isin(first["path"])]
+    assert splits_of(unmoved) == {p: s for p, s in splits_of(first).items() if p != moved}
 
 
 def test_reindex_decodes_only_new_files(tmp_path):
@@ -232,7 +372,8 @@ def test_the_cache_is_dropped_when_the_pixel_limit_changes(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- errors
 
-PARAMS = {"workers": 1, "mlflow": {"experiment": "imgpipe"}, "index": {"val_fraction": 0.2}}
+PARAMS = {"workers": 1, "mlflow": {"experiment": "imgpipe"},
+          "index": {"val_fraction": 0.2, "test_fraction": 0.1}}
 
 
 def one_image(path: Path, seed: int) -> None:
@@ -262,6 +403,12 @@ def all_broken(repo: Path) -> None:
     (repo / "data/raw/dog/b.png").write_bytes(b"")
 
 
+def train_folder_broken(repo: Path) -> None:
+    split_tree("train/cat", "val/cat", "val/dog")(repo)
+    (repo / "data/raw/train/dog").mkdir()
+    (repo / "data/raw/train/dog/b.png").write_bytes(b"")
+
+
 def params_file(text: str):
     def write(repo: Path) -> None:
         one_class(repo)
@@ -274,6 +421,14 @@ def bad_params(**index_params: object):
     return params_file(yaml.safe_dump({**PARAMS, "index": index_params}))
 
 
+def split_tree(*folders: str):
+    """A tree with one image in each of these folders under data/raw."""
+    def write(repo: Path) -> None:
+        for i, folder in enumerate(folders):
+            one_image(repo / "data/raw" / folder / f"{i}.png", 10 + i)
+    return write
+
+
 ERRORS = {
     "no data/raw": (no_raw, "data/raw not found: put your images in data/raw/<class>/<image>"),
     "no class folders": (no_classes, "found no usable images under data/raw: expected"),
@@ -281,10 +436,35 @@ ERRORS = {
     "all broken": (all_broken, "no usable images under data/raw; 4 rejected, see data/rejects.csv"),
     "val_fraction": (bad_params(val_fraction=1.5), "params.yaml: index.val_fraction is 1.5: use "
                                                    "a number >= 0 and < 1"),
-    "max_pixels": (bad_params(val_fraction=0.2, max_pixels="lots"),
+    "test_fraction": (bad_params(val_fraction=0.2, test_fraction=-0.1),
+                      "params.yaml: index.test_fraction is -0.1: use a number >= 0 and < 1"),
+    "fractions sum to 1": (bad_params(val_fraction=0.5, test_fraction=0.5),
+                           "params.yaml: index.val_fraction + index.test_fraction is 1: leave "
+                           "images to train on"),
+    "max_pixels": (bad_params(val_fraction=0.2, test_fraction=0.1, max_pixels="lots"),
                    "params.yaml: index.max_pixels is 'lots': use a whole number >= 1 or null"),
     "index not a section": (params_file("index: 0.2\n"), "params.yaml: index must be a section"),
+    "split and class folders mixed": (
+        split_tree("train/cat", "train/dog", "cat", "Valid/dog"),
+        "data/raw mixes split folders (Valid, train) with class folders (cat): put every class "
+        "folder inside a split folder (data/raw/<split>/<class>/<image>)"),
+    "val class that train lacks": (
+        split_tree("train/cat", "train/dog", "val/cat", "test/horse"),
+        "data/raw/test/horse is a class that data/raw/train lacks: add its training images as "
+        "data/raw/train/horse/, or remove the folder"),
+    "two folders for val": (
+        split_tree("train/cat", "train/dog", "val/cat", "validation/dog"),
+        "data/raw has two folders for the val split (val and validation): merge them into one"),
+    "train images all broken": (
+        train_folder_broken, "class 'dog' has no usable images in data/raw/train/dog; "
+        "1 rejected, see data/rejects.csv: add images the model can learn it from"),
+    "no train folder": (split_tree("valid/cat", "test/cat"),
+                        "data/raw has split folders (test, valid) but none for train"),
 }
+
+
+LAYOUT_ERRORS = ("split and class folders mixed", "val class that train lacks",
+                 "two folders for val", "no train folder")
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
@@ -292,6 +472,7 @@ def test_errors_are_one_actionable_line(tmp_path, case):
     setup, message = ERRORS[case]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     setup(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "stages.index"], cwd=tmp_path,
                           env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -299,6 +480,8 @@ def test_errors_are_one_actionable_line(tmp_path, case):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert not (tmp_path / "data/manifest.csv").exists()
+    if case in LAYOUT_ERRORS:  # refused before anything is written, even the cache
+        assert sorted(tmp_path.rglob("*")) == before
 
 
 # ---------------------------------------------------------------- through dvc and MLflow

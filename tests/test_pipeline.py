@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
-from conftest import dvc, dvc_on_screen, git, mlflow_runs, set_params
+from conftest import dvc, dvc_on_screen, git, make_repo, mlflow_runs, set_params
 
 STAGES = ["index", "preprocess", "train", "evaluate"]
 
@@ -26,14 +28,14 @@ def test_fresh_repro_builds_everything(built_repo):
     assert len(manifest) == 200
     assert list(manifest.columns[:8]) == ["path", "class", "label", "sha256", "bytes",
                                          "width", "height", "split"]
-    assert set(manifest["split"]) == {"train", "val"}
+    assert set(manifest["split"]) == {"train", "val", "test"}
     # Labels follow the sorted class-folder names, like torchvision's ImageFolder.
     classes = sorted(manifest["class"].unique())
     assert (manifest["label"] == manifest["class"].map(classes.index)).all()
     result = json.loads((built_repo / "metrics/eval.json").read_text())
     assert list(result) == ["accuracy", "macro_f1", "top3_accuracy", "loss"]  # the headline
     details = json.loads((built_repo / "metrics/eval_details.json").read_text())
-    assert details["images"] == (manifest["split"] == "val").sum()
+    assert details["images"] == (manifest["split"] == "test").sum()  # the held-out split
     assert {"weighted_f1", "per_class"} <= details.keys()
     trained = json.loads((built_repo / "metrics/train.json").read_text())
     assert list(trained) == ["best_epoch", "epochs", "val_loss", "val_acc"]
@@ -41,6 +43,34 @@ def test_fresh_repro_builds_everything(built_repo):
     assert {"train_loss", "seconds", "device", "mlflow_run_id"} <= details.keys()
     epochs = pd.read_csv(built_repo / "metrics/epochs.csv")
     assert {"train_loss", "val_loss", "train_acc", "val_acc"} <= set(epochs.columns)
+
+
+def test_a_train_valid_test_tree_is_read_as_given_and_scored_on_its_test_folder(tmp_path):
+    from stages.sample import NAMES, write_digits
+
+    repo = make_repo(tmp_path / "repo", images=None)
+    write_digits(tmp_path / "digits", limit=200)
+    folders = {"train": "train", "valid": "val", "test": "test"}
+    for i, image in enumerate(sorted((tmp_path / "digits").rglob("*.png"))):
+        folder = ["train", "train", "train", "valid", "test"][i % 5]
+        target = repo / "data/raw" / folder / image.parent.name / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(image, target)
+    dvc(repo, "add", "-q", "data/raw")
+    out = dvc(repo, "repro").stdout
+    assert ("read split folders (data/raw/<split>/<class>/<image>): train from data/raw/train/, "
+            "val from data/raw/valid/, test from data/raw/test/") in out
+
+    manifest = pd.read_csv(repo / "data/manifest.csv", keep_default_na=False)
+    assert sorted(manifest["class"].unique()) == sorted(NAMES)
+    assert (manifest["split"] == manifest["path"].map(lambda p: folders[Path(p).parts[2]])).all()
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) == len(list((repo / "data/raw/test").rglob("*.png"))) == 40
+    details = json.loads((repo / "metrics/eval_details.json").read_text())
+    assert details["split"] == "test" and details["images"] == 40
+    confusion = pd.read_csv(repo / "metrics/confusion.csv", keep_default_na=False)
+    assert list(confusion["actual"]) == list(test["class"])
+    assert re.search(r"^test accuracy [\d.]+, .* on 40 images$", out, re.MULTILINE), out
 
 
 def test_second_repro_runs_nothing(clone_built):

@@ -261,8 +261,8 @@ def test_repro_after_adding_images_takes_the_rest_from_the_cache(clone_built):
     repo = clone_built()
     write_digits(repo / "data" / "raw", limit=203)  # rewrites the first 200 unchanged
     out = dvc(repo, "repro", "preprocess").stdout
-    # All 3 new digits go to train: the val shard is kept as it was.
-    assert "preprocessed 203 images: 200 from the cache, 3 decoded; wrote 1 of 2 shards" in out, out
+    # All 3 new digits go to train: the val and test shards are kept as they were.
+    assert "preprocessed 203 images: 200 from the cache, 3 decoded; wrote 1 of 3 shards" in out, out
     metrics = json.loads((repo / "metrics/preprocess.json").read_text())
     assert (metrics["decoded"], metrics["from_cache"], metrics["images"]) == (3, 200, 203)
     assert metrics["images_per_second"] > 0
@@ -287,7 +287,7 @@ def test_repro_after_adding_images_rewrites_only_the_shards_they_land_in(clone_b
     for path in kept:  # left alone: DVC neither deleted them nor did the stage rewrite them
         assert (after[path].st_ino, after[path].st_mtime_ns) == (before[path].st_ino,
                                                                  before[path].st_mtime_ns)
-    assert len(after) == metrics["shards"] + 2  # and no stale shard is left: only 2 label files
+    assert len(after) == metrics["shards"] + 3  # and no stale shard is left: 3 label files
 
 
 def test_experiments_outside_the_workspace_share_the_cache(clone_built):

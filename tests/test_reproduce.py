@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import FAST_PARAMS, copy_repo, dvc, git, mlflow_runs, run, set_params
@@ -92,6 +93,9 @@ def test_reproduce_rebuilds_an_experiment_with_the_same_metrics(experimented, tm
         assert rows[name][-1] == "yes"
         assert float(rows[name][1]) == original.data.metrics[name]
     assert f"all {len(compared) + 1} values equal" in out
+    # The rebuild scored the same held-out images: the test split of the restored history.
+    manifest = pd.read_csv(repo / "data/manifest.csv", keep_default_na=False)
+    assert float(rows["eval_images"][2]) == (manifest["split"] == "test").sum() > 0
 
 
 def test_reproduce_rebuilds_a_commit_outside_experiments(experimented, tmp_path):

@@ -396,7 +396,10 @@ def test_signature_and_input_example_show_what_to_send(trained, monkeypatch):
     example = json.loads((folder / "input_example.json").read_text())
     encoded = example["data"][0][0]
     with Image.open(io.BytesIO(base64.b64decode(encoded))) as img:
-        img.load()  # a real image, from the val split
+        img.load()  # a real image file: the first of the split evaluate scored, test
+    manifest = pd.read_csv(trained / "data/manifest.csv", keep_default_na=False)
+    first_test = manifest.loc[manifest["split"] == "test", "path"].iloc[0]
+    assert base64.b64decode(encoded) == (trained / first_test).read_bytes()
     assert "code" in {p.name for p in folder.iterdir()}
 
 
