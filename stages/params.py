@@ -54,6 +54,7 @@ class Section(BaseModel):
 Workers = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+Name = Annotated[str, Field(min_length=1)]
 
 
 class Mlflow(Section):
@@ -108,10 +109,13 @@ class Train(Section):
     """The train stage: model, optimisation, augmentation and how the loop runs."""
 
     seed: int = knob(42, "seeds weight init, shuffling, augmentation and DataLoader workers")
-    model: str = knob("smallcnn", "`smallcnn`, or any torchvision classifier by name "
-                                  "(`resnet18`, `mobilenet_v3_small`, ...)", min_length=1)
-    pretrained: str | None = knob(None, "local weights file to start from; nothing is "
-                                        "downloaded", min_length=1)
+    model: str = knob("smallcnn", "`smallcnn`, any torchvision classifier or any timm model by "
+                                  "name; a name both know is torchvision's, `timm/<name>` is "
+                                  "timm's", min_length=1)
+    pretrained: bool | Name | None = knob(
+        None, "weights to start from: `null` (none), `true` (the model's default weights), a "
+              "torchvision weights name (`IMAGENET1K_V2`), a timm tag (`in1k`), an "
+              "`hf-hub:` id, or a local file (in `weights/`)")
     epochs: int = knob(15, "passes over the training data", ge=1)
     batch_size: int = knob(64, "images per step, in total over all GPUs (also used by "
                                "`evaluate`)", ge=1, read_by=("train", "evaluate"))
