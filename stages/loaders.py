@@ -118,14 +118,67 @@ def loader_workers(setting: Literal["auto"] | int, device: torch.device, process
 
 # ---------------------------------------------------------------- augmentation
 
-def augment(x: torch.Tensor, settings: Train) -> torch.Tensor:
-    """train.flip and train.translate, drawn per image, on a whole batch on its device."""
+def augment(x: torch.Tensor, settings: Train, meta: dict[str, Any] | None = None
+            ) -> torch.Tensor:
+    """train's augmentations, each drawn per image, on a whole (normalised) batch on its device.
+
+    meta's mean/std (as to_device normalised x) are needed for colour jitter only.
+    """
+    if settings.crop_scale < 1:
+        x = random_resized_crop(x, settings.crop_scale)
     if settings.flip:
         flipped = torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
     if settings.translate > 0:
         x = random_translate(x, settings.translate)
+    if settings.color_jitter > 0 and meta is not None:
+        x = color_jitter(x, settings.color_jitter, meta["mean"], meta["std"])
     return x
+
+
+def random_resized_crop(x: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """Cut each image to a random box of min_scale..1 of its area (aspect 3/4..4/3), resized back.
+
+    torchvision's RandomResizedCrop, for a whole batch in one grid_sample: each image
+    gets its own affine map from the output to its box (bilinear, edges reflected).
+    """
+    n = len(x)
+    area = torch.empty(n, device=x.device).uniform_(min_scale, 1.0)
+    aspect = torch.empty(n, device=x.device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+    w = (area * aspect).sqrt().clamp(max=1.0)   # box sides as shares of the image's
+    h = (area / aspect).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, device=x.device) * 2 - 1) * (1 - w)  # box centre in [-1, 1] coordinates
+    cy = (torch.rand(n, device=x.device) * 2 - 1) * (1 - h)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, strength: float, mean: Any, std: Any) -> torch.Tensor:
+    """Brightness, contrast and saturation each scaled by its own factor in 1 +- strength.
+
+    Worked on the pixels in 0..1 (x is normalised with mean/std), clamped, and normalised
+    back; the factors are drawn per image, as torchvision's ColorJitter draws them.
+    """
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    pixels = x * s + m
+
+    def factor() -> torch.Tensor:
+        return torch.empty(len(x), 1, 1, 1, device=x.device).uniform_(1 - strength,
+                                                                      1 + strength)
+
+    gray = (pixels * torch.tensor([0.299, 0.587, 0.114], device=x.device,
+                                  dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    pixels = pixels * factor()                                                   # brightness
+    level = gray.mean((2, 3), keepdim=True)
+    pixels = (pixels - level) * factor() + level                                 # contrast
+    gray = (pixels * torch.tensor([0.299, 0.587, 0.114], device=x.device,
+                                  dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    pixels = (pixels - gray) * factor() + gray                                   # saturation
+    return (pixels.clamp(0, 1) - m) / s
 
 
 def random_translate(x: torch.Tensor, pixels: int) -> torch.Tensor:

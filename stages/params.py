@@ -143,6 +143,12 @@ class Train(Section):
                             "model is always the epoch with the lowest val loss", ge=0)
     flip: bool = knob(False, "random horizontal flip (off for digits and text)")
     translate: int = knob(1, "random shift by up to this many pixels (`0`: off)", ge=0)
+    crop_scale: float = knob(1.0, "random-resized crop: each image cut to a random box of "
+                                  "`crop_scale` to all of its area (aspect 3/4 to 4/3) and "
+                                  "resized back, as torchvision's RandomResizedCrop (`1`: off)",
+                             gt=0, le=1)
+    color_jitter: float = knob(0.0, "brightness, contrast and saturation each scaled by a random "
+                                    "factor from 1 - j to 1 + j (`0`: off)", ge=0, lt=1)
     data_on_device: Literal["auto"] | bool = knob(
         "auto", "keep the data on the GPU: `auto` (when it fits), `true`, `false`")
     compile: bool = knob(False, "`torch.compile` the model: pays off on a GPU in long runs")

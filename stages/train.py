@@ -362,7 +362,7 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
         ready = time.perf_counter()
         x, y = next(batches)
         waited += time.perf_counter() - ready
-        x = augment(to_device(x, s.device, s.meta), s.settings)
+        x = augment(to_device(x, s.device, s.meta), s.settings, s.meta)
         x = x.contiguous(memory_format=MEMORY_FORMAT)
         y = y.to(s.device, non_blocking=True)
 

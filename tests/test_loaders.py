@@ -71,3 +71,29 @@ def test_explicit_workers_win_and_bad_ones_are_refused():
         with pytest.raises(UserError, match=r"train.workers is .*: use auto or a whole number "
                                             r">= 0$"):
             params.parse({"train": {"workers": bad}})
+
+
+def test_random_resized_crop_zooms_each_image_into_a_box_of_its_own():
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(64, 3, 32, 32).contiguous()
+    out = loaders.augment(ramp, Train(crop_scale=0.1, translate=0))
+    assert out.shape == ramp.shape
+    assert out.min() >= 0 and out.max() <= 1  # bilinear inside the image: no new values
+    spans = out[:, 0, 16].amax(1) - out[:, 0, 16].amin(1)  # how much of the ramp a row shows
+    assert (spans < 0.99).float().mean() > 0.7    # most images are cut (a wide box may span it)
+    assert spans.min() < 0.5                      # some to a small box
+    assert len({round(v, 4) for v in spans.tolist()}) > 32  # and each to its own box
+    same = loaders.augment(ramp, Train(crop_scale=1.0, translate=0))
+    assert torch.equal(same, ramp)                # 1: off
+
+
+def test_color_jitter_scales_pixels_per_image_within_range():
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    pixels = torch.rand(64, 3, 8, 8)
+    x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    meta = {"mean": mean, "std": std}
+    out = loaders.augment(x, Train(color_jitter=0.4, translate=0), meta)
+    back = out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5   # still pixels after clamping
+    change = (back.mean((1, 2, 3)) / pixels.mean((1, 2, 3)))
+    assert change.std() > 0.05                                # drawn per image
+    assert torch.allclose(loaders.augment(x, Train(color_jitter=0.0, translate=0), meta), x)
