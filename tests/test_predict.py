@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, dvc, run, set_params
+from conftest import ROOT, dvc, make_repo, run
 from PIL import Image
 
 from stages import predict
 from stages.models import create_model, load_checkpoint, pick_device
 from stages.sample import NAMES
-from stages.tensors import SplitDataset
+from stages.tensors import SplitDataset, model_feed, read_meta, to_device
 
 SIZE = 8
 
@@ -123,12 +123,15 @@ def test_predict_sees_val_images_exactly_as_training_did(built_repo, monkeypatch
     _, checkpoint = load_checkpoint("models/model.pt")
     manifest = pd.read_csv("data/manifest.csv", keep_default_na=False)
     val_paths = manifest.loc[manifest["split"] == "val", "path"].tolist()
-    stored = torch.from_numpy(SplitDataset("data/tensors", "val").read_all()).float()
+    # What training fed the model: the stored val tensors, normalised as the checkpoint says.
+    fed = model_feed(read_meta("data/tensors"), checkpoint["mean"], checkpoint["std"])
+    raw = torch.from_numpy(SplitDataset("data/tensors", "val").read_all())
+    assert raw.dtype == torch.uint8  # preprocess.storage's default: the pixels themselves
+    stored = to_device(raw, torch.device("cpu"), fed)
     pixels = [predict.decode(Path(p), checkpoint)[0] for p in val_paths]
     x = predict.model_input(pixels, checkpoint, torch.device("cpu"))
     assert x.shape == stored.shape and x.dtype == torch.float32
-    # float16 storage is the only difference: half a unit in the last place at |x| < 4.
-    assert torch.allclose(x, stored, atol=2e-3, rtol=0), (x - stored).abs().max()
+    assert torch.equal(x, stored)  # the same pixels through the same normalisation
 
 
 def write_unseen_digits(folder: Path, first: int, count: int) -> int:
@@ -144,11 +147,12 @@ def write_unseen_digits(folder: Path, first: int, count: int) -> int:
     return count
 
 
-def test_unseen_digits_are_classified_at_the_models_accuracy(clone_built, tmp_path):
-    repo = clone_built()  # trained on digits 0-199 only
-    set_params(repo, train={"epochs": 8})
-    dvc(repo, "repro", "train")
-    val_acc = json.loads((repo / "metrics/train.json").read_text())["val_acc"]
+def test_unseen_digits_are_classified_at_the_models_accuracy(tmp_path):
+    # Digits 0-599: a test split of 60 images, enough for a steady estimate to compare with.
+    repo = make_repo(tmp_path / "repo", images=600, params={"train": {"epochs": 8}})
+    dvc(repo, "repro")
+    # The honest estimate: the test split's accuracy (val chose the epoch, so it flatters).
+    test_acc = json.loads((repo / "metrics/eval.json").read_text())["accuracy"]
     unseen = tmp_path / "unseen"
     write_unseen_digits(unseen, first=1500, count=100)
     (unseen / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -162,6 +166,6 @@ def test_unseen_digits_are_classified_at_the_models_accuracy(clone_built, tmp_pa
     assert len(ok) == 100
     truth = ok["path"].map(lambda p: Path(p).parent.name)
     accuracy = (ok["predicted"] == truth).mean()
-    assert val_acc > 0.8, "the tiny model should learn the digits in 8 epochs"
-    assert accuracy > val_acc - 0.15, (accuracy, val_acc)
+    assert test_acc > 0.75, "the tiny model should learn the digits in 8 epochs"
+    assert accuracy > test_acc - 0.15, (accuracy, test_acc)
     assert len(proc.stdout.strip().splitlines()) == 100

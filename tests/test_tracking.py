@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, env
 from servers import free_port
 
-from stages import tracking
+from stages import params, tracking
 from stages.common import UserError
 
 # One stage's worth of MLflow work; waits for the go file so that all workers hit a fresh
@@ -141,7 +141,10 @@ def test_stage_runs_nest_under_one_parent_per_pipeline_execution(store, tmp_path
     run = client.get_run(parent)
     assert run.data.tags["imgpipe.stage"] == "pipeline"
     assert run.data.tags["data.version"] == "data-v1"
-    assert run.data.params == {"lr": "0.1", "train.epochs": "2"}  # all of params.yaml
+    # Every key, as the stages read it: params.yaml's values, the schema's defaults elsewhere.
+    typed = params.flat_values(params.parse({"lr": 0.1, "train": {"epochs": 2}}))
+    assert run.data.params == {k: str(v) for k, v in typed.items()}
+    assert run.data.params["lr"] == "0.1" and run.data.params["train.epochs"] == "2"
     assert run.info.status == "FINISHED" and run.info.run_name == "repro"
     for child in (index, train):
         assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent

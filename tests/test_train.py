@@ -95,9 +95,10 @@ def test_lr_schedules():
 
 def test_optimizers():
     model = torch.nn.Linear(2, 2)
-    sgd = stage.make_optimizer(Train(optimizer="sgd", momentum=0.8, nesterov=True), model, 0.1)
+    sgd = stage.make_optimizer(Train(optimizer="sgd", momentum=0.8, nesterov=True),
+                               model.parameters(), 0.1)
     assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"]
-    assert isinstance(stage.make_optimizer(Train(optimizer="adamw"), model, 0.1),
+    assert isinstance(stage.make_optimizer(Train(optimizer="adamw"), model.parameters(), 0.1),
                       torch.optim.AdamW)
 
 
@@ -160,7 +161,8 @@ def test_same_params_give_the_same_model_and_metrics(clone_built, monkeypatch, c
     # So does loading in 2 worker processes, through the ring of shared buffers.
     set_params(repo, train={"data_on_device": False, "workers": 2})
     _, epochs_d = run_in_process(repo, monkeypatch)
-    assert ", data streamed, 2 workers\n" in capsys.readouterr().out  # the number as given
+    out = capsys.readouterr().out
+    assert ", data streamed, 2 workers; input mean/std (0.485, 0.456, 0.406)/" in out  # as given
     pd.testing.assert_frame_equal(epochs_a[RESULT_COLUMNS], epochs_d[RESULT_COLUMNS])
     assert same_weights(weights, repo / "models/model.pt")
     # The model is the epoch with the lowest val loss; the run stops once patience is spent.
@@ -253,7 +255,7 @@ def test_checkpoint_of_other_params_is_not_resumed(clone_built, monkeypatch, cap
     out = capsys.readouterr().out
     assert "ignoring checkpoint" in out and "starting:" in out and "resuming" not in out
     # train.workers is auto (params.yaml's default) and this is a CPU: the main process loads.
-    assert ", data streamed, 0 workers (auto)\n" in out
+    assert ", data streamed, 0 workers (auto); input mean/std " in out
     assert list(epochs["epoch"]) == [1, 2]
     assert len(train_runs(repo)) == 2  # built_repo's run and this new one
 
