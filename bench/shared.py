@@ -63,12 +63,15 @@ def make_dataset(folder: Path, n: int, workers: int, start: int = 0,
 
 
 def run_stages(folder: Path, stages: tuple[str, ...],
-               overrides: dict[str, dict[str, Any]]) -> None:
+               overrides: dict[str, Any]) -> None:
     """Run the real stages in folder (data/raw already there): params.yaml's defaults, and
-    overrides by section ({"preprocess": {"image_size": 64}})."""
+    overrides by section ({"preprocess": {"image_size": 64}}) or top-level key ({"lr": 0.1})."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            params[key].update(value)
+        else:
+            params[key] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(ROOT)

@@ -159,8 +159,11 @@ def make_optimizer(t: params.Train, parameters: Any, lr: float) -> torch.optim.O
 
 
 def param_groups(net: nn.Module, head: nn.Module | None, lr: float, t: params.Train,
-                 pretrained: bool) -> list[dict[str, Any]]:
-    """One group at lr; with pretrained weights, those at lr * train.backbone_lr (0: frozen)."""
+                 pretrained: bool, head_fitted: bool = False) -> list[dict[str, Any]]:
+    """The optimizer's groups: everything at lr, or, with pretrained weights, the backbone at
+    lr * train.backbone_lr (0: frozen) and the new head at lr, or at the backbone's lr once it
+    was fitted first (LP-FT: a fitted head needs only small steps; measured: at lr 0.05 it is
+    knocked off its optimum in the first epoch, see docs/training.md)."""
     if not pretrained:
         return [{"params": list(net.parameters()), "lr": lr}]
     backbone, new = finetune.split_parameters(net, head)
@@ -168,8 +171,9 @@ def param_groups(net: nn.Module, head: nn.Module | None, lr: float, t: params.Tr
         for weight in backbone:
             weight.requires_grad_(False)
         return [{"params": new, "lr": lr}]
+    head_lr = lr * t.backbone_lr if head_fitted else lr
     return [g for g in ({"params": backbone, "lr": lr * t.backbone_lr},
-                        {"params": new, "lr": lr}) if g["params"]]
+                        {"params": new, "lr": head_lr}) if g["params"]]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -594,7 +598,8 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
     if t.compile:
         model = torch.compile(model)
-    optimizer = make_optimizer(t, param_groups(net, head, lr, t, pretrained), lr)
+    fitted = head is not None and t.head_first
+    optimizer = make_optimizer(t, param_groups(net, head, lr, t, pretrained, fitted), lr)
     scheduler = make_scheduler(t, optimizer, lr, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta, t,

@@ -77,6 +77,8 @@ def test_pretrained_weights_train_at_backbone_lr_and_the_head_at_lr():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.head.parameters()}
     frozen = stage.param_groups(model, model.head, 0.1, Train(backbone_lr=0), True)
     assert len(frozen) == 1 and not model.features[0][0].weight.requires_grad
+    fitted = stage.param_groups(model, model.head, 0.1, Train(backbone_lr=0.25), True, True)
+    assert [g["lr"] for g in fitted] == [0.025, 0.025]  # a fitted head takes small steps too
     scratch = stage.param_groups(SmallCNN(3), None, 0.1, Train(), False)
     assert [g["lr"] for g in scratch] == [0.1]
 
