@@ -135,7 +135,7 @@ class Train(Section):
     head_first: bool = knob(True, "with pretrained weights: fit the new head on the frozen "
                                   "backbone's features first (a linear probe, kept as epoch 0 "
                                   "if no later epoch beats it), then fine-tune the whole net")
-    backbone_lr: float = knob(0.1, "with pretrained weights: their lr as a multiple of `lr` "
+    backbone_lr: float = knob(0.02, "with pretrained weights: their lr as a multiple of `lr` "
                                    "(`0` freezes them: only the head trains)", ge=0, le=1)
     freeze_bn: bool = knob(True, "with pretrained weights: batch norm keeps its pretrained "
                                  "statistics while the net is fine-tuned")

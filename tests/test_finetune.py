@@ -92,7 +92,7 @@ def test_fine_tuning_starts_from_a_fitted_head_kept_as_epoch_0(clone_built):
     set_params(repo, train={"pretrained": "weights/digits.pt", "epochs": 2})
     out = dvc(repo, "repro").stdout
     assert "is outside weights/" not in out
-    assert "fine-tuning after fitting the head (backbone lr x0.1, batch norm frozen)" in out
+    assert "fine-tuning after fitting the head (backbone lr x0.02, batch norm frozen)" in out
     assert "epoch   0     the new head on frozen features (L2 " in out
     epochs = pd.read_csv(repo / "metrics/epochs.csv")
     assert epochs["epoch"].tolist() == [0, 1, 2]
