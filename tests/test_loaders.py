@@ -97,3 +97,21 @@ def test_color_jitter_scales_pixels_per_image_within_range():
     change = (back.mean((1, 2, 3)) / pixels.mean((1, 2, 3)))
     assert change.std() > 0.05                                # drawn per image
     assert torch.allclose(loaders.augment(x, Train(color_jitter=0.0, translate=0), meta), x)
+
+
+def test_color_jitter_composed_equals_brightness_then_contrast_then_saturation():
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    pixels = torch.rand(16, 3, 8, 8) * 0.6 + 0.2  # away from 0 and 1: no clamping in between
+    torch.manual_seed(7)
+    out = loaders.color_jitter((pixels - m) / s, 0.3, mean, std)
+    torch.manual_seed(7)  # the same factors, applied one step at a time
+    bright, contrast, saturation = torch.empty(3, 16, 1, 1, 1).uniform_(0.7, 1.3)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    p = pixels * bright
+    level = (p * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    p = (p - level) * contrast + level
+    grey = (p * luma).sum(1, keepdim=True)
+    p = (p - grey) * saturation + grey
+    expected = (p.clamp(0, 1) - m) / s
+    assert torch.allclose(out, expected, atol=1e-5)
