@@ -40,9 +40,10 @@ def new_head(model: nn.Module, new_keys: list[str]) -> nn.Linear | None:
     if len(owners) != 1:
         return None
     module = model.get_submodule(owners.pop())
-    own = {f"{name}" for name, _ in module.named_parameters()}
+    own = {name for name, _ in module.named_parameters()}
     whole = {key.rsplit(".", 1)[1] for key in new_keys} == own
-    return module if isinstance(module, nn.Linear) and whole else None
+    fits = isinstance(module, nn.Linear) and module.bias is not None  # what fit_head sets
+    return module if fits and whole else None
 
 
 def split_parameters(model: nn.Module, head: nn.Module | None

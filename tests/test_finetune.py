@@ -34,6 +34,8 @@ def test_no_head_when_the_file_fits_everywhere_or_misses_more(tmp_path):
     assert finetune.new_head(model, []) is None
     assert finetune.new_head(model, ["head.weight", "features.0.0.weight"]) is None
     assert finetune.new_head(model, ["head.weight", "head.bias"]) is model.head
+    model.head = nn.Linear(128, 4, bias=False)  # fit_head fits a weight and a bias
+    assert finetune.new_head(model, ["head.weight"]) is None
 
 
 def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
