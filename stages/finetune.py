@@ -9,11 +9,12 @@
    and never runs backward through the backbone. The result is a linear probe, kept as
    epoch 0: the model the stage writes is the epoch with the lowest val loss, so the
    fine-tuning that follows replaces the probe only where it does better.
-2. The whole net. Every weight trains from there, the pretrained ones at
-   `train.backbone_lr` times the head's lr (fastai spreads its backbone down to 1/100 of
-   the head; timm and torchvision recipes fine-tune at about 1/10 of a from-scratch lr).
-   Starting from a fitted head, the first steps do not push large random-head gradients
-   into the features (the point of LP-FT). Batch norm keeps its pretrained statistics
+2. The whole net. Every weight trains from there at `train.backbone_lr` times `lr`, the
+   fitted head included (train.param_groups; a head not fitted first trains at `lr`).
+   Measured on EfficientNet-Lite0 (docs/training.md): a backbone lr of 0.005 wrecks the
+   pretrained features in the first epoch, 0.001 keeps them. Starting from a fitted head,
+   the first steps do not push large random-head gradients into the features (the point
+   of LP-FT). Batch norm keeps its pretrained statistics
    (`train.freeze_bn`): a batch of a few dozen images estimates them worse than the
    millions of images they came from, and eval then sees other statistics than training.
 """

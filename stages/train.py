@@ -522,8 +522,7 @@ def check_fits(t: params.Train, meta: dict[str, Any], world: int) -> None:
 def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
           resume: dict[str, Any] | None = None, shard: Dist = Dist()) -> dict[str, Any] | None:
     """Fit the model of params; rank 0 writes the model, epoch log, metrics and checkpoints."""
-    t = p.train
-    check_fits(t, meta, shard.world)
+    t = p.train  # checked against the data and processes by main (check_fits)
     lr, epochs, seed = p.lr, t.epochs, t.seed
     batch_size = t.batch_size // shard.world  # batch_size is the total over processes
     seed_everything(seed + shard.rank)  # DDP copies rank 0's initial weights to every rank
@@ -557,6 +556,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
     if shard.main and pretrained and Path(str(t.pretrained)).is_file():  # a local file
         warn_outside_weights(Path(str(t.pretrained)))
     head = finetune.new_head(net, list(loaded.new)) if pretrained else None
+    head_fitted_first = head is not None and t.head_first  # LP-FT: the probe is epoch 0
     meta, fed = model_input(meta, t)
     if resume:
         net.load_state_dict(resume["model"])
@@ -567,7 +567,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
     log = tracking.RunLogger(run.info.run_id) if shard.main else None
     if shard.main:
         where = f"resuming after epoch {resume['epoch']}" if resume else "starting"
-        tuning = (f", fine-tuning{' after fitting the head' if head and t.head_first else ''} "
+        tuning = (f", fine-tuning{' after fitting the head' if head_fitted_first else ''} "
                   f"(backbone lr x{t.backbone_lr}{', batch norm frozen' if t.freeze_bn else ''})"
                   if pretrained else "")
         print(f"{where}: {t.model} on {device}"
@@ -577,7 +577,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
 
     stopper = EarlyStopping(t.patience)
     history: list[dict[str, Any]] = []
-    if head is not None and t.head_first and not resume:
+    if head_fitted_first and not resume:
         row = None
         if shard.main:  # before DDP wraps the net: DDP then copies the fitted head to every rank
             whole = (DeviceLoader(train_set, batch_size, range(len(train_set)), device)
@@ -598,8 +598,8 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
     if t.compile:
         model = torch.compile(model)
-    fitted = head is not None and t.head_first
-    optimizer = make_optimizer(t, param_groups(net, head, lr, t, pretrained, fitted), lr)
+    optimizer = make_optimizer(t, param_groups(net, head, lr, t, pretrained, head_fitted_first),
+                               lr)
     scheduler = make_scheduler(t, optimizer, lr, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta, t,
