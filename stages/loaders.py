@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.common import machine_cores
-from stages.tensors import NumberedBatches, RingDataset, SplitDataset, as_batch
+from stages.tensors import (
+    NumberedBatches,
+    RingDataset,
+    SplitDataset,
+    as_batch,
+    centre_crop,
+)
 
 if TYPE_CHECKING:
     from stages.params import Train
@@ -122,10 +128,15 @@ def augment(x: torch.Tensor, settings: Train, meta: dict[str, Any] | None = None
             ) -> torch.Tensor:
     """train's augmentations, each drawn per image, on a whole (normalised) batch on its device.
 
-    meta's mean/std (as to_device normalised x) are needed for colour jitter only.
+    x: the whole stored images (to_device(whole=True)); what comes out is meta's crop_size,
+    a random-resized crop of them (train.crop_scale < 1) or else their centre crop, as eval.
+    meta's mean/std (as to_device normalised x) are needed for colour jitter.
     """
+    size = int(meta["crop_size"]) if meta and "crop_size" in meta else x.shape[-1]
     if settings.crop_scale < 1:
-        x = random_resized_crop(x, settings.crop_scale)
+        x = random_resized_crop(x, settings.crop_scale, size)
+    elif size < x.shape[-1]:
+        x = centre_crop(x, meta)
     if settings.flip:
         flipped = torch.rand(len(x), device=x.device) < 0.5
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x)
@@ -136,8 +147,10 @@ def augment(x: torch.Tensor, settings: Train, meta: dict[str, Any] | None = None
     return x
 
 
-def random_resized_crop(x: torch.Tensor, min_scale: float) -> torch.Tensor:
-    """Cut each image to a random box of min_scale..1 of its area (aspect 3/4..4/3), resized back.
+def random_resized_crop(x: torch.Tensor, min_scale: float, size: int | None = None
+                        ) -> torch.Tensor:
+    """Cut each image to a random box of min_scale..1 of its area (aspect 3/4..4/3), resized to
+    size x size (default: its own size).
 
     torchvision's RandomResizedCrop, for a whole batch in one grid_sample: each image
     gets its own affine map from the output to its box (bilinear, edges reflected).
@@ -151,7 +164,8 @@ def random_resized_crop(x: torch.Tensor, min_scale: float) -> torch.Tensor:
     cy = (torch.rand(n, device=x.device) * 2 - 1) * (1 - h)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = size or x.shape[-1]
+    grid = F.affine_grid(theta, [n, x.shape[1], out, out], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)
 

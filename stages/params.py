@@ -55,6 +55,7 @@ Workers = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Name = Annotated[str, Field(min_length=1)]
+CropShare = Annotated[float, Field(gt=0.5, le=1)]
 
 
 class Mlflow(Section):
@@ -89,10 +90,15 @@ class Index(Section):
 class Preprocess(Section):
     """The preprocess stage: how images become tensors."""
 
-    image_size: int = knob(16, "images become `image_size` x `image_size` pixels", ge=1)
+    image_size: int = knob(16, "the model sees `image_size` x `image_size` pixels", ge=1)
     resize: Literal["squash", "crop"] = knob(
         "squash", "`squash` stretches to a square; `crop` scales the short side, then "
                   "centre-crops")
+    crop_pct: Literal["auto"] | CropShare = knob(
+        "auto", "share of each stored image's side the model sees at eval, a centre crop; the "
+                "tensors are stored at `image_size / crop_pct`, so that random crops have room "
+                "(timm's crop_pct). `auto`: pretrained weights' own (224 of 256 for most), "
+                "else `1` (no crop)")
     normalize: Literal["auto", "imagenet", "dataset"] = knob(
         "auto", "`auto`: what pretrained weights were trained with (their mean/std), else "
                 "ImageNet's; `imagenet`: ImageNet's fixed mean/std, as timm and Ultralytics "
@@ -111,11 +117,11 @@ class Train(Section):
     seed: int = knob(42, "seeds weight init, shuffling, augmentation and DataLoader workers")
     model: str = knob("smallcnn", "`smallcnn`, any torchvision classifier or any timm model by "
                                   "name; a name both know is torchvision's, `timm/<name>` is "
-                                  "timm's", min_length=1)
+                                  "timm's", min_length=1, read_by=("preprocess", "train"))
     pretrained: bool | Name | None = knob(
         None, "weights to start from: `null` (none), `true` (the model's default weights), a "
               "torchvision weights name (`IMAGENET1K_V2`), a timm tag (`in1k`), an "
-              "`hf-hub:` id, or a local file (in `weights/`)")
+              "`hf-hub:` id, or a local file (in `weights/`)", read_by=("preprocess", "train"))
     epochs: int = knob(15, "passes over the training data", ge=1)
     batch_size: int = knob(64, "images per step, in total over all GPUs (also used by "
                                "`evaluate`)", ge=1, read_by=("train", "evaluate"))

@@ -43,6 +43,7 @@ from stages import params, tracking
 from stages.common import UserError, atomic_path, cache_root, cli, processes, write_json
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, load_pixels
 from stages.tensors import SHARD_MB, SPLITS, plan_shards
+from stages.zoo import resolve_preprocessing
 
 MANIFEST = Path("data/manifest.csv")
 OUT = Path("data/tensors")
@@ -266,8 +267,10 @@ def plan_files(out: Path, rows: dict[str, list[tuple[str, str]]],
 
 def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, workers: int,
                out: Path, data_version: str, storage: str = "float16",
-               shard_mb: float = SHARD_MB) -> dict[str, Any]:
+               shard_mb: float = SHARD_MB, crop_size: int | None = None) -> dict[str, Any]:
     """Bring the tensor folder `out` up to date with the manifest; returns the stats for metrics.
+
+    Images are stored at `size`; the model sees their centre `crop_size` (default: all).
 
     Shards that already exist under their digest are kept as they are; the rest
     are written from the pixel cache, decoding only images it lacks. meta.json
@@ -328,7 +331,8 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
         if not path.is_file():  # named by its content, like the shards
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, labels[split])
-    meta = {"classes": classes, "image_size": size, "resize": resize, "normalize": normalize,
+    meta = {"classes": classes, "image_size": size, "crop_size": crop_size or size,
+            "resize": resize, "normalize": normalize,
             "mean": mean, "std": std, "dtype": storage, "counts": counts,
             "data_version": data_version, "files": files}
     write_json(out / "meta.json", meta)
@@ -352,6 +356,22 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
             "mean": mean, "std": std}
 
 
+def stored_size(settings: params.Preprocess, t: params.Train) -> tuple[int, str]:
+    """The side images are stored at so that the model's centre crop of image_size is
+    preprocess.crop_pct of it, and why: with `auto`, what pretrained weights were evaluated
+    with (torchvision's resize 256, crop 224; timm's crop_pct), else no room (1)."""
+    size = settings.image_size
+    if settings.crop_pct != "auto":
+        share, why = settings.crop_pct, "preprocess.crop_pct"
+    elif t.pretrained:
+        wanted = resolve_preprocessing(t.model, t.pretrained)
+        share, why = wanted.crop_pct or 1.0, f"{wanted.why} (preprocess.crop_pct: auto)"
+    else:
+        return size, "no crop (preprocess.crop_pct: auto, and no pretrained weights)"
+    stored = math.floor(size / share + 1e-6)  # as timm's transforms_factory, float-safe
+    return stored, f"a centre crop of {share:.3g} of the side, from {why}"
+
+
 @cli
 def main() -> None:
     """Turn data/manifest.csv into data/tensors/."""
@@ -365,13 +385,18 @@ def main() -> None:
     data_version = tracking.file_digest(MANIFEST)
 
     settings = p.preprocess
+    stored, why = stored_size(settings, p.train)
+    print(f"images stored at {stored} px, the model sees {settings.image_size} px: {why}",
+          flush=True)
     with tracking.stage_run(p.mlflow.experiment, "preprocess",
-                            {"preprocess": settings.model_dump(), "workers": workers},
+                            {"preprocess": settings.model_dump(), "workers": workers,
+                             "stored_size": stored},
                             data_version):
         import mlflow
 
-        stats = preprocess(manifest, settings.image_size, settings.resize, settings.normalize,
-                           workers, OUT, data_version, settings.storage, settings.shard_mb)
+        stats = preprocess(manifest, stored, settings.resize, settings.normalize,
+                           workers, OUT, data_version, settings.storage, settings.shard_mb,
+                           crop_size=settings.image_size)
         write_json(METRICS, stats)
         mlflow.log_metrics({k: v for k, v in stats.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -1,7 +1,8 @@
 """Tensor storage on disk: each split as shards of .npy files, plus meta.json.
 
 Layout of data/tensors/:
-    meta.json                  classes, image size, resize mode, mean/std, dtype, counts,
+    meta.json                  classes, image size (stored) and crop size (what the model
+                               sees: its centre), resize mode, mean/std, dtype, counts,
                                data version, and each split's files (below), in order
     train/<digest>.npy         a shard: (n, 3, S, S) consecutive rows of the split, float16
                                already normalised (the default), or uint8 raw pixels that
@@ -264,8 +265,26 @@ def as_batch(batch: Any) -> Any:
     return batch
 
 
-def to_device(x: torch.Tensor, device: torch.device, meta: dict[str, Any]) -> torch.Tensor:
-    """Move a stored batch to the device as float32 model input.
+def crop_size(meta: dict[str, Any]) -> int:
+    """The side of what the model sees: the centre of the stored images (older meta: all)."""
+    return int(meta.get("crop_size", meta["image_size"]))
+
+
+def centre_crop(x: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """The centre crop_size x crop_size of stored (N, 3, S, S) images (a view; torchvision's
+    CenterCrop offsets): what the model sees at eval. Images already that size pass as they are."""
+    if "crop_size" not in meta:  # tensors made before the crop: the model sees all
+        return x
+    size = crop_size(meta)
+    top = int(round((x.shape[-2] - size) / 2.0))
+    left = int(round((x.shape[-1] - size) / 2.0))
+    return x[..., top:top + size, left:left + size] if top > 0 or left > 0 else x
+
+
+def to_device(x: torch.Tensor, device: torch.device, meta: dict[str, Any],
+              whole: bool = False) -> torch.Tensor:
+    """Move a stored batch to the device as float32 model input: its centre crop (meta's
+    crop_size), or with whole=True the whole stored images, for training's random crops.
 
     Every consumer of data/tensors goes through here, so the storage dtype can
     change (float16 already normalised, or uint8 normalised on the device)
@@ -273,7 +292,7 @@ def to_device(x: torch.Tensor, device: torch.device, meta: dict[str, Any]) -> to
     """
     import torch
 
-    x = x.to(device, non_blocking=True)
+    x = (x if whole else centre_crop(x, meta)).to(device, non_blocking=True)
     if x.dtype == torch.uint8:
         scale, shift = _normaliser(device, tuple(meta["mean"]), tuple(meta["std"]))
         # One conversion, then in place: 2x faster on a CPU than (x / 255 - mean) / std.

@@ -61,7 +61,7 @@ from stages.models import (
     pick_device,
     predict,
 )
-from stages.tensors import SplitDataset, model_feed, read_meta, to_device
+from stages.tensors import SplitDataset, crop_size, model_feed, read_meta, to_device
 from stages.weights import LoadedWeights
 from stages.zoo import resolve_model, resolve_preprocessing
 
@@ -366,7 +366,7 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
         ready = time.perf_counter()
         x, y = next(batches)
         waited += time.perf_counter() - ready
-        x = augment(to_device(x, s.device, s.meta), s.settings, s.meta)
+        x = augment(to_device(x, s.device, s.meta, whole=True), s.settings, s.meta)
         x = x.contiguous(memory_format=MEMORY_FORMAT)
         y = y.to(s.device, non_blocking=True)
 
@@ -465,6 +465,7 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
     checkpoint = {
         "state_dict": state,
         "classes": meta["classes"], "image_size": meta["image_size"],
+        "crop_size": crop_size(meta),
         "resize": meta["resize"], "mean": meta["mean"], "std": meta["std"], **extra,
     }
     with atomic_path(path) as tmp:
@@ -484,8 +485,9 @@ def model_input(meta: dict[str, Any], t: params.Train) -> tuple[dict[str, Any], 
     if not t.pretrained:
         return meta, f"mean/std {_stats(meta)} ({setting})"
     wanted = resolve_preprocessing(t.model, t.pretrained)
-    if wanted.crop_size and wanted.crop_size != meta["image_size"]:
-        print(f"warning: preprocess.image_size is {meta['image_size']}, but {wanted.why} says "
+    seen = crop_size(meta)
+    if wanted.crop_size and wanted.crop_size != seen:
+        print(f"warning: preprocess.image_size is {seen}, but {wanted.why} says "
               f"{wanted.crop_size} px: the model runs at either, usually best at its own")
     if meta["normalize"] == "auto":
         fed = model_feed(meta, wanted.mean, wanted.std)
@@ -514,9 +516,10 @@ def check_fits(t: params.Train, meta: dict[str, Any], world: int) -> None:
     if t.batch_size < world:
         raise UserError(f"train.batch_size {t.batch_size} is smaller than the number of "
                         f"processes ({world})")
-    if not t.translate < int(meta["image_size"]):
+    size = crop_size(meta)
+    if not t.translate < size:
         raise UserError(f"train.translate is {t.translate} pixels: use 0 (off) up to "
-                        f"{int(meta['image_size']) - 1}, below the image size")
+                        f"{size - 1}, below the image size")
 
 
 def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
@@ -730,7 +733,8 @@ def main() -> None:
             train(p, meta, None, key, resume, shard)
             return
         logged = {"lr": p.lr, "train": p.train.model_dump(),
-                  "data": {k: meta[k] for k in ("image_size", "resize", "normalize")}}
+                  "data": {k: meta[k] for k in ("image_size", "resize", "normalize")}
+                  | {"crop_size": crop_size(meta)}}
         enable_system_metrics()
         with tracking.stage_run(p.mlflow.experiment, "train", logged, meta["data_version"],
                                 run_id=resume["run_id"] if resume else None) as run:

@@ -115,3 +115,17 @@ def test_color_jitter_composed_equals_brightness_then_contrast_then_saturation()
     p = (p - grey) * saturation + grey
     expected = (p.clamp(0, 1) - m) / s
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_training_crops_come_from_the_whole_stored_image_at_the_models_size():
+    """Stored 16 px for a 12 px model: off, training sees eval's centre crop; a random-resized
+    crop is cut from anywhere in the stored image, the margin included, and resized to 12."""
+    ramp = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(256, 3, 16, 16).contiguous()
+    meta = {"image_size": 16, "crop_size": 12}
+    off = loaders.augment(ramp, Train(translate=0), meta)
+    assert torch.equal(off, ramp[..., 2:14, 2:14])
+    cut = loaders.augment(ramp, Train(crop_scale=0.3, translate=0), meta)
+    assert cut.shape == (256, 3, 12, 12)
+    left, right = cut[:, 0, 6, 0], cut[:, 0, 6, -1]
+    assert left.min() < ramp[0, 0, 0, 2] and right.max() > ramp[0, 0, 0, 13]  # the margin
+    assert len({round(v, 4) for v in left.tolist()}) > 64  # each image its own box

@@ -18,7 +18,7 @@ from PIL import Image
 from stages import params
 from stages.common import UserError
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
-from stages.preprocess import cache_cap_bytes, evict, pixel_cache, preprocess
+from stages.preprocess import cache_cap_bytes, evict, pixel_cache, preprocess, stored_size
 from stages.sample import write_digits
 from stages.tensors import SplitDataset, read_meta, to_device
 
@@ -45,10 +45,11 @@ def image_row(path: Path, cls: str, split: str) -> dict:
 
 def build(rows: list[dict], out: Path, size: int = 8, resize: str = "squash",
           normalize: str = "dataset", workers: int = 1, storage: str = "float16",
-          shard_mb: float = 4.0) -> dict:
+          shard_mb: float = 4.0, crop_size: int | None = None) -> dict:
     """Run the stage's preprocess() on these rows, in manifest (path) order."""
     manifest = pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
-    return preprocess(manifest, size, resize, normalize, workers, out, "v1", storage, shard_mb)
+    return preprocess(manifest, size, resize, normalize, workers, out, "v1", storage, shard_mb,
+                      crop_size)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -301,3 +302,40 @@ def test_experiments_outside_the_workspace_share_the_cache(clone_built):
     run = next(r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "preprocess"
                and r.data.params.get("preprocess.normalize") == "dataset")
     assert run.data.metrics["decoded"] == 0 and run.data.metrics["from_cache"] == 200
+
+
+def test_crop_pct_stores_room_to_crop_and_predict_cuts_the_same_centre(tmp_path, cache):
+    """crop_pct 0.8 at image_size 8: stored at 10 px, and the model, in training's eval and in
+    predict from the original files, sees the same centre 8 px."""
+    import torch
+
+    from stages import predict
+
+    rows = write_images(tmp_path / "raw", 8)
+    settings = params.Preprocess(image_size=8, crop_pct=0.8, storage="uint8")
+    stored, _ = stored_size(settings, params.Train())
+    assert stored == 10
+    build(rows, tmp_path / "t", size=stored, storage="uint8", normalize="imagenet",
+          crop_size=8)
+    meta = read_meta(tmp_path / "t")
+    assert (meta["image_size"], meta["crop_size"]) == (10, 8)
+    raw = torch.from_numpy(read_split(tmp_path / "t"))
+    fed = to_device(raw, torch.device("cpu"), meta)
+    assert fed.shape[-2:] == (8, 8)
+    checkpoint = {k: meta[k] for k in ("image_size", "crop_size", "resize", "mean", "std")}
+    paths = [r["path"] for r in sorted(rows, key=lambda r: r["path"]) if r["split"] == "train"]
+    pixels = [predict.decode(Path(p), checkpoint)[0] for p in paths]
+    assert torch.equal(predict.model_input(pixels, checkpoint, torch.device("cpu")), fed)
+
+
+@pytest.mark.parametrize(("model", "pretrained", "crop_pct", "stored"), [
+    ("smallcnn", None, "auto", 224),                       # no weights: no crop
+    ("resnet18", None, 0.875, 256),                        # explicit
+    ("tf_efficientnet_lite0", True, "auto", 256),          # timm's crop_pct 0.875
+    ("resnet50", "IMAGENET1K_V2", "auto", 232),            # torchvision: resize 232, crop 224
+])
+def test_crop_pct_auto_follows_the_weights_eval_transforms(model, pretrained, crop_pct, stored):
+    settings = params.Preprocess(image_size=224, crop_pct=crop_pct)
+    size, why = stored_size(settings, params.Train(model=model, pretrained=pretrained))
+    assert size == stored
+    assert ("crop_pct: auto" in why) == (crop_pct == "auto")

@@ -17,6 +17,7 @@ from stages.tensors import (
     RingDataset,
     SplitDataset,
     as_batch,
+    centre_crop,
     plan_shards,
     read_meta,
     to_device,
@@ -135,3 +136,17 @@ def test_to_device_normalises_uint8_and_passes_float16_through():
 def test_missing_meta_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="dvc repro preprocess"):
         read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("stored", [12, 13])  # an even and an odd margin
+def test_the_model_sees_the_centre_crop_as_torchvision_cuts_it(stored):
+    from torchvision.transforms.v2.functional import center_crop
+
+    raw = torch.randint(0, 256, (2, 3, stored, stored), dtype=torch.uint8)
+    meta = {"mean": [0.0] * 3, "std": [1 / 255] * 3, "image_size": stored, "crop_size": 8}
+    x = to_device(raw, torch.device("cpu"), meta)
+    assert torch.equal(x, center_crop(raw, [8, 8]).float())
+    assert torch.equal(centre_crop(raw, meta), center_crop(raw, [8, 8]))
+    whole = to_device(raw, torch.device("cpu"), meta, whole=True)  # training's random crops
+    assert torch.equal(whole, raw.float())
+    assert torch.equal(centre_crop(x, meta), x)  # already the model's size: as it is
