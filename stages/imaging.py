@@ -26,6 +26,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RESIZE_MODES = ("squash", "crop")
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                  "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 BACKGROUND = (255, 255, 255)
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
@@ -47,12 +49,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """Resize to size x size: `squash` stretches, `crop` scales the short side then centre-crops."""
+def resize(img: Image.Image, size: int, mode: str, interpolation: str = "bicubic"
+           ) -> Image.Image:
+    """Resize to size x size: `squash` stretches, `crop` scales the short side then centre-crops.
+
+    Pillow filters downscaling by the whole scale (antialiased), as torchvision's Resize
+    does on PIL images; interpolation is one of INTERPOLATIONS."""
+    resample = INTERPOLATIONS[interpolation]
     if mode == "squash":
-        return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return img.resize((size, size), resample, reducing_gap=3.0)
     if mode == "crop":
-        return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)  # no reducing_gap arg
+        return ImageOps.fit(img, (size, size), resample)  # no reducing_gap arg
     raise ValueError(f"unknown resize mode {mode!r}: use one of {RESIZE_MODES}")
 
 
@@ -61,7 +68,7 @@ class TooManyPixels(ValueError):
 
 
 def load_pixels(path: str | Path | BinaryIO, size: int, mode: str,
-                max_pixels: int | None = None) -> np.ndarray:
+                max_pixels: int | None = None, interpolation: str = "bicubic") -> np.ndarray:
     """Decode one image (a file, or an open binary file) into a (3, size, size) uint8 array.
 
     With max_pixels, an image whose header declares more pixels is refused before it is
@@ -74,5 +81,5 @@ def load_pixels(path: str | Path | BinaryIO, size: int, mode: str,
         # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; never below the target size.
         img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)
-        img = resize(to_rgb(img), size, mode)
+        img = resize(to_rgb(img), size, mode, interpolation)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -94,6 +94,9 @@ class Preprocess(Section):
     resize: Literal["squash", "crop"] = knob(
         "squash", "`squash` stretches to a square; `crop` scales the short side, then "
                   "centre-crops")
+    interpolation: Literal["auto", "bicubic", "bilinear", "lanczos", "nearest"] = knob(
+        "auto", "how images are resampled to their stored size: `auto`: pretrained weights' own "
+                "(bilinear for torchvision's, mostly bicubic for timm's), else bicubic")
     crop_pct: Literal["auto"] | CropShare = knob(
         "auto", "share of each stored image's side the model sees at eval, a centre crop; the "
                 "tensors are stored at `image_size / crop_pct`, so that random crops have room "

@@ -92,7 +92,8 @@ def decode(source: Path | bytes, checkpoint: dict[str, Any]) -> tuple[np.ndarray
     file = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         return load_pixels(file, int(checkpoint["image_size"]), checkpoint["resize"],
-                           max_pixels=Image.MAX_IMAGE_PIXELS), ""
+                           max_pixels=Image.MAX_IMAGE_PIXELS,
+                           interpolation=checkpoint.get("interpolation", "bicubic")), ""
     except Exception as err:  # noqa: BLE001 - any failure is reported for its file, not fatal
         if isinstance(err, TooManyPixels):
             return None, str(err)

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from stages import params, tracking
 from stages.common import UserError, atomic_path, cache_root, cli, processes, write_json
-from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, load_pixels
+from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, load_pixels
 from stages.tensors import SHARD_MB, SPLITS, plan_shards
 from stages.zoo import resolve_preprocessing
 
@@ -57,7 +58,7 @@ Job = tuple[str, list[tuple[str, str]], "np.ndarray | None"]
 
 # ---------------------------------------------------------------- the pixel cache
 
-def pixel_cache(size: int, resize: str) -> Path:
+def pixel_cache(size: int, resize: str, interpolation: str = "bicubic") -> Path:
     """Cache folder for one resize setting and one version of the decoding code.
 
     The folder name carries a digest of stages/imaging.py and the Pillow version,
@@ -69,7 +70,8 @@ def pixel_cache(size: int, resize: str) -> Path:
 
     code = hashlib.sha256(Path(imaging.__file__).read_bytes())
     code.update(f"{PIL.__version__}|{PIXELS_VERSION}".encode())
-    return cache_root() / "pixels" / f"{size}px-{resize}-{code.hexdigest()[:10]}"
+    return (cache_root() / "pixels"
+            / f"{size}px-{resize}-{interpolation}-{code.hexdigest()[:10]}")
 
 
 def cache_cap_bytes() -> int:
@@ -116,8 +118,8 @@ def evict(root: Path, cap: int) -> tuple[int, int]:
 _SETTINGS: dict[str, Any] = {}
 
 
-def _init_worker(size: int, resize: str, cache: str) -> None:
-    _SETTINGS.update(size=size, resize=resize, cache=Path(cache))
+def _init_worker(size: int, resize: str, interpolation: str, cache: str) -> None:
+    _SETTINGS.update(size=size, resize=resize, interpolation=interpolation, cache=Path(cache))
 
 
 def _entry(path: str, sha: str, read: bool = True) -> tuple[bytes | None, bool]:
@@ -134,7 +136,8 @@ def _entry(path: str, sha: str, read: bool = True) -> tuple[bytes | None, bool]:
             os.utime(entry)  # most recently used: evicted last
             return (entry.read_bytes() if read else None), False
     try:
-        pixels = load_pixels(path, size, _SETTINGS["resize"])
+        pixels = load_pixels(path, size, _SETTINGS["resize"],
+                             interpolation=_SETTINGS["interpolation"])
     except Exception as err:  # noqa: BLE001 - any failure is reported with its file
         raise UserError(f"{path} could not be decoded ({err}): run `dvc repro` to re-index"
                         ) from None
@@ -186,10 +189,10 @@ def _write_shard(job: Job) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, size: int, resize: str, cache: Path
+def worker_pool(workers: int, size: int, resize: str, interpolation: str, cache: Path
                 ) -> Iterator[Callable[[Callable, Iterable, int], Iterator]]:
     """Yield an unordered map(fn, jobs, chunksize) over `workers` processes (1: this one)."""
-    args = (size, resize, str(cache))
+    args = (size, resize, interpolation, str(cache))
     if workers <= 1:
         _init_worker(*args)
         yield lambda fn, jobs, chunksize: map(fn, jobs)
@@ -267,7 +270,8 @@ def plan_files(out: Path, rows: dict[str, list[tuple[str, str]]],
 
 def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, workers: int,
                out: Path, data_version: str, storage: str = "float16",
-               shard_mb: float = SHARD_MB, crop_size: int | None = None) -> dict[str, Any]:
+               shard_mb: float = SHARD_MB, crop_size: int | None = None,
+               interpolation: str = "bicubic") -> dict[str, Any]:
     """Bring the tensor folder `out` up to date with the manifest; returns the stats for metrics.
 
     Images are stored at `size`; the model sees their centre `crop_size` (default: all).
@@ -284,10 +288,10 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
     counts = {s: len(rows) for s, rows in splits.items()}
     rows = {s: list(zip(splits[s]["path"], splits[s]["sha256"])) for s in SPLITS}
     labels = {s: splits[s]["label"].to_numpy(np.int64) for s in SPLITS}
-    cache = pixel_cache(size, resize)
+    cache = pixel_cache(size, resize, interpolation)
     out.mkdir(parents=True, exist_ok=True)
     decoded = 0
-    with worker_pool(workers, size, resize, cache) as imap:
+    with worker_pool(workers, size, resize, interpolation, cache) as imap:
         def cache_images(images: list[tuple[str, str]], desc: str, want_sums: bool
                          ) -> np.ndarray:
             """Put these images in the pixel cache; returns their summed channel sums if wanted."""
@@ -332,7 +336,7 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, labels[split])
     meta = {"classes": classes, "image_size": size, "crop_size": crop_size or size,
-            "resize": resize, "normalize": normalize,
+            "resize": resize, "interpolation": interpolation, "normalize": normalize,
             "mean": mean, "std": std, "dtype": storage, "counts": counts,
             "data_version": data_version, "files": files}
     write_json(out / "meta.json", meta)
@@ -356,20 +360,44 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
             "mean": mean, "std": std}
 
 
-def stored_size(settings: params.Preprocess, t: params.Train) -> tuple[int, str]:
-    """The side images are stored at so that the model's centre crop of image_size is
-    preprocess.crop_pct of it, and why: with `auto`, what pretrained weights were evaluated
-    with (torchvision's resize 256, crop 224; timm's crop_pct), else no room (1)."""
-    size = settings.image_size
-    if settings.crop_pct != "auto":
-        share, why = settings.crop_pct, "preprocess.crop_pct"
-    elif t.pretrained:
-        wanted = resolve_preprocessing(t.model, t.pretrained)
-        share, why = wanted.crop_pct or 1.0, f"{wanted.why} (preprocess.crop_pct: auto)"
-    else:
-        return size, "no crop (preprocess.crop_pct: auto, and no pretrained weights)"
-    stored = math.floor(size / share + 1e-6)  # as timm's transforms_factory, float-safe
-    return stored, f"a centre crop of {share:.3g} of the side, from {why}"
+@dataclass(frozen=True)
+class Stored:
+    """How images are stored: the side (with room around the model's centre crop) and the
+    resampling, and where both came from (for the start line)."""
+
+    size: int
+    interpolation: str
+    why: str
+
+
+def stored_as(settings: params.Preprocess, t: params.Train) -> Stored:
+    """preprocess.crop_pct and preprocess.interpolation resolved. `auto` follows pretrained
+    weights' eval transforms (torchvision's resize 256 for a 224 crop, bilinear; timm's
+    crop_pct and interpolation); without weights, no room and bicubic. An explicit setting
+    wins, with a warning that names both when it differs from the weights'."""
+    wanted = resolve_preprocessing(t.model, t.pretrained) if t.pretrained else None
+    weights = {"crop_pct": wanted.crop_pct, "interpolation": wanted.interpolation} if wanted else {}
+    weights = {k: v for k, v in weights.items() if v is not None}
+    if weights.get("interpolation") not in INTERPOLATIONS:  # e.g. timm's "random": ours
+        weights.pop("interpolation", None)
+    chosen, whence = {}, []
+    for key, fallback in (("crop_pct", 1.0), ("interpolation", "bicubic")):
+        value = getattr(settings, key)
+        if value == "auto":
+            chosen[key] = weights.get(key, fallback)
+            whence.append(f"{key} auto")
+            continue
+        chosen[key] = value
+        whence.append(f"{key} {value}")
+        if key in weights and weights[key] != value:
+            theirs = f"{weights[key]:.4g}" if key == "crop_pct" else weights[key]
+            print(f"warning: preprocess.{key} is {value}, but {wanted.why} says {theirs}: "
+                  "the explicit setting wins; use auto to follow the weights")
+    size = math.floor(settings.image_size / chosen["crop_pct"] + 1e-6)  # as timm's, float-safe
+    source = wanted.why if weights else "no pretrained weights"
+    return Stored(size, chosen["interpolation"],
+                  f"crop_pct {chosen['crop_pct']:.4g}, {chosen['interpolation']} "
+                  f"({', '.join(whence)}: {source})")
 
 
 @cli
@@ -385,18 +413,19 @@ def main() -> None:
     data_version = tracking.file_digest(MANIFEST)
 
     settings = p.preprocess
-    stored, why = stored_size(settings, p.train)
-    print(f"images stored at {stored} px, the model sees {settings.image_size} px: {why}",
-          flush=True)
+    stored = stored_as(settings, p.train)
+    print(f"images stored at {stored.size} px, the model sees their centre "
+          f"{settings.image_size} px: {stored.why}", flush=True)
     with tracking.stage_run(p.mlflow.experiment, "preprocess",
                             {"preprocess": settings.model_dump(), "workers": workers,
-                             "stored_size": stored},
+                             "stored_size": stored.size,
+                             "stored_interpolation": stored.interpolation},
                             data_version):
         import mlflow
 
-        stats = preprocess(manifest, stored, settings.resize, settings.normalize,
+        stats = preprocess(manifest, stored.size, settings.resize, settings.normalize,
                            workers, OUT, data_version, settings.storage, settings.shard_mb,
-                           crop_size=settings.image_size)
+                           crop_size=settings.image_size, interpolation=stored.interpolation)
         write_json(METRICS, stats)
         mlflow.log_metrics({k: v for k, v in stats.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})

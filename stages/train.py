@@ -466,7 +466,8 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
         "state_dict": state,
         "classes": meta["classes"], "image_size": meta["image_size"],
         "crop_size": crop_size(meta),
-        "resize": meta["resize"], "mean": meta["mean"], "std": meta["std"], **extra,
+        "resize": meta["resize"], "interpolation": meta.get("interpolation", "bicubic"),
+        "mean": meta["mean"], "std": meta["std"], **extra,
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)

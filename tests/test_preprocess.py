@@ -18,7 +18,7 @@ from PIL import Image
 from stages import params
 from stages.common import UserError
 from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
-from stages.preprocess import cache_cap_bytes, evict, pixel_cache, preprocess, stored_size
+from stages.preprocess import cache_cap_bytes, evict, pixel_cache, preprocess, stored_as
 from stages.sample import write_digits
 from stages.tensors import SplitDataset, read_meta, to_device
 
@@ -45,11 +45,12 @@ def image_row(path: Path, cls: str, split: str) -> dict:
 
 def build(rows: list[dict], out: Path, size: int = 8, resize: str = "squash",
           normalize: str = "dataset", workers: int = 1, storage: str = "float16",
-          shard_mb: float = 4.0, crop_size: int | None = None) -> dict:
+          shard_mb: float = 4.0, crop_size: int | None = None,
+          interpolation: str = "bicubic") -> dict:
     """Run the stage's preprocess() on these rows, in manifest (path) order."""
     manifest = pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
     return preprocess(manifest, size, resize, normalize, workers, out, "v1", storage, shard_mb,
-                      crop_size)
+                      crop_size, interpolation)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -313,7 +314,7 @@ def test_crop_pct_stores_room_to_crop_and_predict_cuts_the_same_centre(tmp_path,
 
     rows = write_images(tmp_path / "raw", 8)
     settings = params.Preprocess(image_size=8, crop_pct=0.8, storage="uint8")
-    stored, _ = stored_size(settings, params.Train())
+    stored = stored_as(settings, params.Train()).size
     assert stored == 10
     build(rows, tmp_path / "t", size=stored, storage="uint8", normalize="imagenet",
           crop_size=8)
@@ -328,14 +329,39 @@ def test_crop_pct_stores_room_to_crop_and_predict_cuts_the_same_centre(tmp_path,
     assert torch.equal(predict.model_input(pixels, checkpoint, torch.device("cpu")), fed)
 
 
-@pytest.mark.parametrize(("model", "pretrained", "crop_pct", "stored"), [
-    ("smallcnn", None, "auto", 224),                       # no weights: no crop
-    ("resnet18", None, 0.875, 256),                        # explicit
-    ("tf_efficientnet_lite0", True, "auto", 256),          # timm's crop_pct 0.875
-    ("resnet50", "IMAGENET1K_V2", "auto", 232),            # torchvision: resize 232, crop 224
+@pytest.mark.parametrize(("model", "pretrained", "crop_pct", "stored", "interpolation"), [
+    ("smallcnn", None, "auto", 224, "bicubic"),                # no weights: no crop
+    ("resnet18", None, 0.875, 256, "bicubic"),                 # explicit
+    ("tf_efficientnet_lite0", True, "auto", 256, "bicubic"),   # timm's crop_pct 0.875
+    ("resnet50", "IMAGENET1K_V2", "auto", 232, "bilinear"),    # torchvision: 232, crop 224
 ])
-def test_crop_pct_auto_follows_the_weights_eval_transforms(model, pretrained, crop_pct, stored):
+def test_crop_and_interpolation_auto_follow_the_weights_eval_transforms(
+        model, pretrained, crop_pct, stored, interpolation, capsys):
     settings = params.Preprocess(image_size=224, crop_pct=crop_pct)
-    size, why = stored_size(settings, params.Train(model=model, pretrained=pretrained))
-    assert size == stored
-    assert ("crop_pct: auto" in why) == (crop_pct == "auto")
+    got = stored_as(settings, params.Train(model=model, pretrained=pretrained))
+    assert (got.size, got.interpolation) == (stored, interpolation)
+    assert ("crop_pct auto" in got.why) == (crop_pct == "auto")
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_an_explicit_crop_or_interpolation_wins_over_the_weights_with_a_warning(capsys):
+    settings = params.Preprocess(image_size=224, crop_pct=1.0, interpolation="bicubic")
+    got = stored_as(settings, params.Train(model="resnet50", pretrained="IMAGENET1K_V2"))
+    assert (got.size, got.interpolation) == (224, "bicubic")
+    warnings = capsys.readouterr().out.splitlines()
+    assert len(warnings) == 2
+    assert "preprocess.crop_pct is 1.0, but torchvision's transforms" in warnings[0]
+    assert "says 0.9655" in warnings[0]
+    assert "preprocess.interpolation is bicubic" in warnings[1] and "says bilinear" in warnings[1]
+
+
+def test_interpolation_is_applied_and_keys_its_own_cache(tmp_path, cache):
+    board = (np.indices((64, 64)).sum(axis=0) % 7 * 40).astype(np.uint8)
+    rows = same_image_in_two_classes(tmp_path, board, "board.png")
+    build(rows, tmp_path / "cubic", size=10, storage="uint8")
+    build(rows, tmp_path / "near", size=10, storage="uint8", interpolation="nearest")
+    assert read_meta(tmp_path / "near")["interpolation"] == "nearest"
+    nearest = read_split(tmp_path / "near")
+    assert set(np.unique(nearest)) <= set(np.unique(board))  # nearest makes no new values
+    assert not np.array_equal(nearest, read_split(tmp_path / "cubic"))
+    assert pixel_cache(10, "squash", "nearest") != pixel_cache(10, "squash")
