@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import time
+from math import nan
 from typing import Any
 
 import torch
@@ -106,7 +107,8 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
 def fit_head(head: nn.Linear, train: tuple[torch.Tensor, torch.Tensor],
              val: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor | None = None
              ) -> dict[str, float]:
-    """Fit the head on cached features, its L2 penalty chosen by val loss; returns the scores."""
+    """Fit the head on cached features, its L2 penalty chosen by val loss; returns the scores,
+    val's too (NaN without val images): the net's own in eval mode, without a second pass."""
     started = time.perf_counter()
     (x, y), (xv, yv) = train, val
     classes = head.out_features
@@ -119,7 +121,10 @@ def fit_head(head: nn.Linear, train: tuple[torch.Tensor, torch.Tensor],
     with torch.no_grad():
         head.weight.copy_(w)
         head.bias.copy_(b)
-    logits = x @ w.T + b
-    return {"head_l2": l2, "train_loss": F.cross_entropy(logits, y).item(),
-            "train_acc": (logits.argmax(1) == y).float().mean().item(),
-            "seconds": time.perf_counter() - started}
+    scores: dict[str, float] = {"head_l2": l2}
+    for split, (features, labels) in (("train", train), ("val", val)):
+        logits = features @ w.T + b
+        scores[f"{split}_loss"] = F.cross_entropy(logits, labels).item() if len(labels) else nan
+        scores[f"{split}_acc"] = ((logits.argmax(1) == labels).float().mean().item()
+                                  if len(labels) else nan)
+    return scores | {"seconds": time.perf_counter() - started}

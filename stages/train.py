@@ -416,8 +416,8 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
 
 
 def head_first(net: nn.Module, head: nn.Linear, train_loader: Any, val_loader: Any,
-               loss_fn: nn.Module, device: torch.device, meta: dict[str, Any],
-               weights: torch.Tensor | None) -> dict[str, Any]:
+               device: torch.device, meta: dict[str, Any], weights: torch.Tensor | None
+               ) -> dict[str, Any]:
     """Fit the new head on the frozen backbone's features (stages/finetune.py): epoch 0's row."""
     started = time.perf_counter()
 
@@ -426,8 +426,8 @@ def head_first(net: nn.Module, head: nn.Linear, train_loader: Any, val_loader: A
 
     train = finetune.head_inputs(net, head, train_loader, device, to_input)
     val = finetune.head_inputs(net, head, val_loader, device, to_input)
-    fitted = finetune.fit_head(head, train, val, weights)
-    val_loss, val_acc = evaluate(net, val_loader, loss_fn, device, meta)
+    fitted = finetune.fit_head(head, train, val, weights)  # val scored on its features
+    val_loss, val_acc = fitted["val_loss"], fitted["val_acc"]
     seconds = time.perf_counter() - started
     print(f"epoch   0     the new head on frozen features (L2 {fitted['head_l2']:g}): "
           f"train loss {fitted['train_loss']:.4f} acc {fitted['train_acc']:.4f}  "
@@ -587,7 +587,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
             whole = (DeviceLoader(train_set, batch_size, range(len(train_set)), device)
                      if on_device else
                      make_loader(train_set, batch_size, 0, None, device, torch.Generator()))
-            row = head_first(net, head, whole, val_loader, loss_fn, device, meta, weights)
+            row = head_first(net, head, whole, val_loader, device, meta, weights)
             log.metrics({k: v for k, v in row.items() if k != "epoch"}, step=0)
         if shard.world > 1:  # every process's early stopping counts from the same epoch 0
             shared = [row]

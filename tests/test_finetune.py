@@ -60,6 +60,27 @@ def test_the_head_is_fitted_to_convergence_with_the_l2_val_prefers():
     assert noisy["head_l2"] == max(finetune.HEAD_L2)
 
 
+def test_the_probes_val_scores_are_the_nets_own_in_eval_mode():
+    """Epoch 0's val loss and accuracy come from the cached features, not a second pass over
+    val: they must equal the whole net's, run as evaluate runs it."""
+    torch.manual_seed(0)
+    net = SmallCNN(3)
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 12}
+    batches = [(torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8),
+                torch.randint(0, 3, (16,))) for _ in range(4)]
+    cpu = torch.device("cpu")
+
+    def to_input(x):
+        return stage.to_device(x, cpu, meta)
+
+    train = finetune.head_inputs(net, net.head, batches[:2], cpu, to_input)
+    val = finetune.head_inputs(net, net.head, batches[2:], cpu, to_input)
+    fitted = finetune.fit_head(net.head, train, val)
+    loss, acc = stage.evaluate(net, batches[2:], nn.CrossEntropyLoss(), cpu, meta)
+    assert fitted["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert fitted["val_acc"] == pytest.approx(acc)
+
+
 def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_trains():
     model = torchvision.models.resnet18(num_classes=3)
     before = model.bn1.running_mean.clone()
