@@ -74,8 +74,9 @@ def stage_row(name: str, folder: Path, train: dict, started: float) -> dict:
 
 
 def probe_row(folder: Path, weights: Path, started: float) -> dict:
-    """The frozen weights' features, a head fitted on them, scored on the held-out split."""
-    from sklearn.metrics import f1_score
+    """The frozen weights' features, a head fitted on them, scored on the held-out split as the
+    evaluate stage scores it (scikit-learn, float64: a tie with a run reads as a tie)."""
+    from sklearn.metrics import accuracy_score, f1_score
 
     tensors = folder / "data/tensors"
     meta = read_meta(tensors)
@@ -92,7 +93,7 @@ def probe_row(folder: Path, weights: Path, started: float) -> dict:
     finetune.fit_head(head, features("train"), features("val"))
     x, y = features(held_out(folder))
     predicted = head(x).argmax(1)
-    return {"variant": "probe", "accuracy": (predicted == y).float().mean().item(),
+    return {"variant": "probe", "accuracy": accuracy_score(y, predicted),
             "macro_f1": f1_score(y, predicted, average="macro"),
             "seconds": time.perf_counter() - started}
 
