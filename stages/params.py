@@ -137,8 +137,9 @@ class Train(Section):
     warmup_epochs: float = knob(0.0, "linear lr warmup (`onecycle`: its rising phase; 0 means "
                                      "30%)", ge=0)
     label_smoothing: float = knob(0.0, "e.g. `0.1` for noisy labels", ge=0, lt=1)
-    clip_grad_norm: PositiveFloat | None = knob(None, "e.g. `1.0` to clip the gradient norm; "
-                                                      "`null`: off")
+    clip_grad_norm: Literal["auto"] | PositiveFloat | None = knob(
+        "auto", "clip the gradient norm to this; `auto`: 1.0 when fine-tuning pretrained "
+                "weights (their first steps are sharp), else off; `null`: off")
     class_weights: Literal["none", "balanced"] = knob(
         "none", "`balanced` weighs the loss by inverse class frequency")
     head_first: bool = knob(True, "with pretrained weights: fit the new head on the frozen "

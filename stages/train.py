@@ -176,6 +176,13 @@ def param_groups(net: nn.Module, head: nn.Module | None, lr: float, t: params.Tr
                         {"params": new, "lr": head_lr}) if g["params"]]
 
 
+def gradient_clip(setting: Any, pretrained: bool) -> float | None:
+    """train.clip_grad_norm resolved: `auto` clips fine-tuning (finetune.FINE_TUNE_CLIP) only."""
+    if setting == "auto":
+        return finetune.FINE_TUNE_CLIP if pretrained else None
+    return setting
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base lr at `step`: linear warmup, then cosine decay or constant."""
     if step < warmup:
@@ -300,8 +307,9 @@ class Step:
     loss_fn: nn.Module
     device: torch.device
     meta: dict[str, Any]
-    settings: params.Train  # augmentation, gradient clipping
+    settings: params.Train  # augmentation
     freeze_bn: bool = False  # batch norm keeps its (pretrained) statistics
+    clip: float | None = None  # the gradient norm to clip to (train.clip_grad_norm resolved)
 
 
 @dataclass
@@ -375,9 +383,9 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
             out = s.model(x)
             loss = s.loss_fn(out, y)
         s.scaler.scale(loss).backward()
-        if s.settings.clip_grad_norm:
+        if s.clip:
             s.scaler.unscale_(s.optimizer)
-            nn.utils.clip_grad_norm_(s.model.parameters(), s.settings.clip_grad_norm)
+            nn.utils.clip_grad_norm_(s.model.parameters(), s.clip)
         s.scaler.step(s.optimizer)
         s.scaler.update()
         s.scheduler.step()
@@ -561,6 +569,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         warn_outside_weights(Path(str(t.pretrained)))
     head = finetune.new_head(net, list(loaded.new)) if pretrained else None
     head_fitted_first = head is not None and t.head_first  # LP-FT: the probe is epoch 0
+    clip = gradient_clip(t.clip_grad_norm, pretrained)
     meta, fed = model_input(meta, t)
     if resume:
         net.load_state_dict(resume["model"])
@@ -574,6 +583,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         tuning = (f", fine-tuning{' after fitting the head' if head_fitted_first else ''} "
                   f"(backbone lr x{t.backbone_lr}{', batch norm frozen' if t.freeze_bn else ''})"
                   if pretrained else "")
+        tuning += f", gradient norm clipped at {clip:g}" if clip else ""
         print(f"{where}: {t.model} on {device}"
               f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
               f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
@@ -607,7 +617,7 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
     scheduler = make_scheduler(t, optimizer, lr, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
     step = Step(model, optimizer, scheduler, scaler, loss_fn, device, meta, t,
-                freeze_bn=pretrained and t.freeze_bn)
+                freeze_bn=pretrained and t.freeze_bn, clip=clip)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])

@@ -81,6 +81,13 @@ def test_the_probes_val_scores_are_the_nets_own_in_eval_mode():
     assert fitted["val_acc"] == pytest.approx(acc)
 
 
+def test_gradients_are_clipped_when_fine_tuning_unless_set_otherwise():
+    assert stage.gradient_clip("auto", pretrained=True) == finetune.FINE_TUNE_CLIP
+    assert stage.gradient_clip("auto", pretrained=False) is None  # from scratch: as before
+    assert stage.gradient_clip(None, pretrained=True) is None
+    assert stage.gradient_clip(5.0, pretrained=False) == 5.0
+
+
 def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_trains():
     model = torchvision.models.resnet18(num_classes=3)
     before = model.bn1.running_mean.clone()
@@ -115,7 +122,8 @@ def test_fine_tuning_starts_from_a_fitted_head_kept_as_epoch_0(clone_built):
     set_params(repo, train={"pretrained": "weights/digits.pt", "epochs": 2})
     out = dvc(repo, "repro").stdout
     assert "is outside weights/" not in out
-    assert "fine-tuning after fitting the head (backbone lr x0.02, batch norm frozen)" in out
+    assert ("fine-tuning after fitting the head (backbone lr x0.02, batch norm frozen), "
+            "gradient norm clipped at 1;") in out
     assert "epoch   0     the new head on frozen features (L2 " in out
     epochs = pd.read_csv(repo / "metrics/epochs.csv")
     assert epochs["epoch"].tolist() == [0, 1, 2]
