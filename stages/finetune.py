@@ -36,8 +36,9 @@ HEAD_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 HEAD_ITERATIONS = 300
 # The gradient norm fine-tuning clips to (train.clip_grad_norm: auto). A fitted head on
 # pretrained features sits in a sharp spot: the first steps' gradient norms are 20 to 300, and
-# unclipped SGD at lr 0.001 took EfficientNet-Lite0 on 32 px digits from val loss 0.39 to 2.6
-# in one epoch; clipped at 1.0, the same lr lowered it to 0.31 in three (docs/training.md).
+# unclipped SGD at lr 0.001 took EfficientNet-Lite0 on 32 px digits from val loss 0.39 to 2.5
+# in one epoch; clipped at 1.0, the same lr lowered it to 0.29 in four (bench/finetune.py,
+# docs/training.md).
 FINE_TUNE_CLIP = 1.0
 
 
