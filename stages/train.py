@@ -24,7 +24,9 @@ one process per GPU (DistributedDataParallel). Only rank 0 logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -512,6 +514,11 @@ def _stats(meta: dict[str, Any]) -> str:
     return "/".join("(" + ", ".join(f"{v:.3g}" for v in meta[k]) + ")" for k in ("mean", "std"))
 
 
+def silenced(quiet: bool) -> Any:
+    """A context that swallows what is printed, when quiet (DDP's other processes)."""
+    return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+
+
 def warn_outside_weights(path: Path) -> None:
     """A local weights file outside weights/ is not a DVC dependency: say so."""
     if WEIGHTS.resolve() not in path.resolve().parents:
@@ -562,7 +569,9 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
 
     classes = meta["classes"]
     # Loaded on a resume too: what they lack is the head (stages/finetune.py), and the record.
-    net, loaded = build_model(t.model, len(classes), t.pretrained)
+    with silenced(not shard.main):  # its notes and warnings, said once: by rank 0
+        net, loaded = build_model(t.model, len(classes), t.pretrained)
+        meta, fed = model_input(meta, t)
     net = net.to(device)
     pretrained = loaded is not None
     if shard.main and pretrained and Path(str(t.pretrained)).is_file():  # a local file
@@ -570,7 +579,6 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
     head = finetune.new_head(net, list(loaded.new)) if pretrained else None
     head_fitted_first = head is not None and t.head_first  # LP-FT: the probe is epoch 0
     clip = gradient_clip(t.clip_grad_norm, pretrained)
-    meta, fed = model_input(meta, t)
     if resume:
         net.load_state_dict(resume["model"])
     weights = class_weights(train_set.labels, len(classes), t.class_weights)

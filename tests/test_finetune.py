@@ -154,3 +154,22 @@ def test_a_local_file_outside_weights_is_named(clone_built):
     out = dvc(repo, "repro", "train").stdout
     assert ("note: train.pretrained elsewhere.pt is outside weights/, which the train stage "
             "depends on: DVC will not retrain when that file is replaced") in out
+
+
+def test_ddp_fits_the_head_once_and_every_process_fine_tunes_from_it(clone_built):
+    """train.gpus: 2 on the CPU (gloo): rank 0 fits the head before DDP wraps the net, the
+    epoch-0 row reaches every process, and the run ends as one model with epochs 0, 1, 2."""
+    repo = clone_built()
+    shutil.copy(repo / "models/model.pt", repo / "weights/digits.pt")
+    for gone in ("eight", "nine"):
+        shutil.rmtree(repo / "data/raw" / gone)
+    set_params(repo, train={"pretrained": "weights/digits.pt", "epochs": 2, "gpus": 2})
+    out = dvc(repo, "repro").stdout
+    assert "x 2 processes" in out
+    assert out.count("epoch   0     the new head on frozen features") == 1  # rank 0 only
+    assert out.count("note: loaded 30 of 32 tensors") == 1  # said once, not once a process
+    epochs = pd.read_csv(repo / "metrics/epochs.csv")
+    assert epochs["epoch"].tolist() == [0, 1, 2]
+    assert epochs.iloc[0]["val_acc"] > 0.5
+    best = json.loads((repo / "metrics/train.json").read_text())
+    assert best["val_loss"] == epochs["val_loss"].min()
