@@ -1,5 +1,9 @@
 """Preprocess stage: decode, resize and normalise every image once, into data/tensors/.
 
+Images are stored at image_size / crop_pct (`stored_as`: with `auto`, the resize of
+pretrained weights' own eval transforms), so that the model's centre crop of image_size
+leaves training's random crops room; meta.json records both sizes.
+
 How it stays fast, incremental and small in memory:
 - Decoded, resized pixels are kept in a content-addressed cache outside DVC's
   outputs, at <repo>/.cache/imgpipe/pixels/<size>px-<resize>-<code digest>/, keyed by
