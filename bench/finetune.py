@@ -1,7 +1,7 @@
 """Fine-tuning from the probe: which optimizer, lr and gradient clip lower its val loss.
 
     python bench/finetune.py [--source digits|openclipart] [--size 32] [--epochs 4]
-                             [--augment] SPEC [SPEC ...]
+                             [--augment] [--warmup EPOCHS] SPEC [SPEC ...]
 
 SPEC is optimizer:lr:clip, e.g. sgd:0.001:0 (no clipping), sgd:0.001:1, adamw:0.0001:1.
 The real index and preprocess stages run once on the source (scikit-learn's digits, or a
@@ -60,10 +60,10 @@ def probe(folder: Path, weights: Path) -> tuple[nn.Module, dict, list[float]]:
 
 
 def fine_tune(net: nn.Module, meta: dict, folder: Path, spec: str, epochs: int,
-              augment: bool) -> list[tuple[float, float]]:
+              augment: bool, warmup: float = 0.0) -> list[tuple[float, float]]:
     """(val loss, val accuracy) after each epoch of fine-tuning a copy of net as SPEC says."""
     name, lr, clip = spec.split(":")
-    t = Train(optimizer=name, epochs=epochs, **(PHOTO if augment else {}))
+    t = Train(optimizer=name, epochs=epochs, warmup_epochs=warmup, **(PHOTO if augment else {}))
     net = copy.deepcopy(net)
     train_set = SplitDataset(folder / "data/tensors", "train")
     sampler = make_sampler(train_set, t.seed)
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=40, help="openclipart images a class")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--warmup", type=float, default=0.0, help="train.warmup_epochs")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,11 +106,11 @@ def main() -> None:
         net, meta, row = probe(folder, weights)
         images = len(SplitDataset(folder / "data/tensors", "train"))
         print(f"{args.source} at {args.size} px, {images} train images"
-              f"{', photo augmentation' if args.augment else ''}")
+              f"{', photo augmentation' if args.augment else ''}, warm-up {args.warmup} epochs")
         print(f"{'probe':<18} val loss {row[0]:.4f} acc {row[1]:.4f}", flush=True)
         for spec in args.specs:
             started = time.perf_counter()
-            rows = fine_tune(net, meta, folder, spec, args.epochs, args.augment)
+            rows = fine_tune(net, meta, folder, spec, args.epochs, args.augment, args.warmup)
             print(f"{spec:<18} val loss " + ", ".join(f"{loss:.3f}" for loss, _ in rows)
                   + "  acc " + ", ".join(f"{acc:.3f}" for _, acc in rows)
                   + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
