@@ -380,10 +380,11 @@ def stored_as(settings: params.Preprocess, t: params.Train) -> Stored:
     crop_pct and interpolation); without weights, no room and bicubic. An explicit setting
     wins, with a warning that names both when it differs from the weights'."""
     wanted = resolve_preprocessing(t.model, t.pretrained) if t.pretrained else None
-    weights = {"crop_pct": wanted.crop_pct, "interpolation": wanted.interpolation} if wanted else {}
-    weights = {k: v for k, v in weights.items() if v is not None}
-    if weights.get("interpolation") not in INTERPOLATIONS:  # e.g. timm's "random": ours
-        weights.pop("interpolation", None)
+    weights: dict[str, Any] = {}  # what the weights say, where they say it
+    if wanted and wanted.crop_pct:
+        weights["crop_pct"] = wanted.crop_pct
+    if wanted and wanted.interpolation in INTERPOLATIONS:  # not e.g. timm's "random"
+        weights["interpolation"] = wanted.interpolation
     chosen, whence = {}, []
     for key, fallback in (("crop_pct", 1.0), ("interpolation", "bicubic")):
         value = getattr(settings, key)
