@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RESIZE_MODES = ("squash", "crop")
+DEFAULT_INTERPOLATION = "bicubic"  # images resized without pretrained weights to follow
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 BACKGROUND = (255, 255, 255)
@@ -49,7 +50,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize(img: Image.Image, size: int, mode: str, interpolation: str = "bicubic"
+def resize(img: Image.Image, size: int, mode: str, interpolation: str = DEFAULT_INTERPOLATION
            ) -> Image.Image:
     """Resize to size x size: `squash` stretches, `crop` scales the short side then centre-crops.
 
@@ -68,7 +69,8 @@ class TooManyPixels(ValueError):
 
 
 def load_pixels(path: str | Path | BinaryIO, size: int, mode: str,
-                max_pixels: int | None = None, interpolation: str = "bicubic") -> np.ndarray:
+                max_pixels: int | None = None, interpolation: str = DEFAULT_INTERPOLATION
+                ) -> np.ndarray:
     """Decode one image (a file, or an open binary file) into a (3, size, size) uint8 array.
 
     With max_pixels, an image whose header declares more pixels is refused before it is

@@ -135,7 +135,7 @@ def augment(x: torch.Tensor, settings: Train, meta: dict[str, Any] | None = None
     size = int(meta["crop_size"]) if meta and "crop_size" in meta else x.shape[-1]
     if settings.crop_scale < 1:
         x = random_resized_crop(x, settings.crop_scale, size)
-    elif size < x.shape[-1]:
+    elif meta is not None:  # as eval: the centre (centre_crop knows when there is none)
         x = centre_crop(x, meta)
     if settings.flip:
         flipped = torch.rand(len(x), device=x.device) < 0.5

@@ -28,7 +28,12 @@ import torch
 from tqdm import tqdm
 
 from stages.common import UserError, cli, write_csv
-from stages.imaging import IMAGE_EXTENSIONS, TooManyPixels, load_pixels
+from stages.imaging import (
+    DEFAULT_INTERPOLATION,
+    IMAGE_EXTENSIONS,
+    TooManyPixels,
+    load_pixels,
+)
 from stages.models import MEMORY_FORMAT, autocast, load_checkpoint, pick_device
 from stages.tensors import to_device
 
@@ -93,7 +98,7 @@ def decode(source: Path | bytes, checkpoint: dict[str, Any]) -> tuple[np.ndarray
     try:
         return load_pixels(file, int(checkpoint["image_size"]), checkpoint["resize"],
                            max_pixels=Image.MAX_IMAGE_PIXELS,
-                           interpolation=checkpoint.get("interpolation", "bicubic")), ""
+                           interpolation=checkpoint.get("interpolation", DEFAULT_INTERPOLATION)), ""
     except Exception as err:  # noqa: BLE001 - any failure is reported for its file, not fatal
         if isinstance(err, TooManyPixels):
             return None, str(err)

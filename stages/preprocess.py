@@ -46,7 +46,13 @@ from tqdm import tqdm
 
 from stages import params, tracking
 from stages.common import UserError, atomic_path, cache_root, cli, processes, write_json
-from stages.imaging import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, load_pixels
+from stages.imaging import (
+    DEFAULT_INTERPOLATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    load_pixels,
+)
 from stages.tensors import SHARD_MB, SPLITS, plan_shards
 from stages.zoo import resolve_preprocessing
 
@@ -62,7 +68,7 @@ Job = tuple[str, list[tuple[str, str]], "np.ndarray | None"]
 
 # ---------------------------------------------------------------- the pixel cache
 
-def pixel_cache(size: int, resize: str, interpolation: str = "bicubic") -> Path:
+def pixel_cache(size: int, resize: str, interpolation: str = DEFAULT_INTERPOLATION) -> Path:
     """Cache folder for one resize setting and one version of the decoding code.
 
     The folder name carries a digest of stages/imaging.py and the Pillow version,
@@ -275,7 +281,7 @@ def plan_files(out: Path, rows: dict[str, list[tuple[str, str]]],
 def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, workers: int,
                out: Path, data_version: str, storage: str = "float16",
                shard_mb: float = SHARD_MB, crop_size: int | None = None,
-               interpolation: str = "bicubic") -> dict[str, Any]:
+               interpolation: str = DEFAULT_INTERPOLATION) -> dict[str, Any]:
     """Bring the tensor folder `out` up to date with the manifest; returns the stats for metrics.
 
     Images are stored at `size`; the model sees their centre `crop_size` (default: all).
@@ -386,7 +392,7 @@ def stored_as(settings: params.Preprocess, t: params.Train) -> Stored:
     if wanted and wanted.interpolation in INTERPOLATIONS:  # not e.g. timm's "random"
         weights["interpolation"] = wanted.interpolation
     chosen, whence = {}, []
-    for key, fallback in (("crop_pct", 1.0), ("interpolation", "bicubic")):
+    for key, fallback in (("crop_pct", 1.0), ("interpolation", DEFAULT_INTERPOLATION)):
         value = getattr(settings, key)
         if value == "auto":
             chosen[key] = weights.get(key, fallback)

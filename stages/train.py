@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from stages import finetune, params, tracking
 from stages.common import UserError, atomic_path, cache_root, cli, write_csv, write_json
+from stages.imaging import DEFAULT_INTERPOLATION
 from stages.loaders import (
     DeviceLoader,
     augment,
@@ -476,7 +477,7 @@ def save_model(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any],
         "state_dict": state,
         "classes": meta["classes"], "image_size": meta["image_size"],
         "crop_size": crop_size(meta),
-        "resize": meta["resize"], "interpolation": meta.get("interpolation", "bicubic"),
+        "resize": meta["resize"], "interpolation": meta.get("interpolation", DEFAULT_INTERPOLATION),
         "mean": meta["mean"], "std": meta["std"], **extra,
     }
     with atomic_path(path) as tmp:

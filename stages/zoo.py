@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.common import UserError
-from stages.imaging import IMAGENET_MEAN, IMAGENET_STD
+from stages.imaging import DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_MODEL = "smallcnn"
 TIMM_PREFIX = "timm/"
@@ -36,7 +36,6 @@ HF_HUB_PREFIX = "hf-hub:"
 # A `train.pretrained` string with one of these suffixes, or a path separator, is a file.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
 # imgpipe's preprocessing when no weights say otherwise: see stages/imaging.py.
-DEFAULT_INTERPOLATION = "bicubic"
 
 Zoo = Literal["smallcnn", "torchvision", "timm"]
 
