@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean-cache browser screenshot
+.PHONY: setup demo test lint clean-cache browser screenshot device-wheels
 
 setup: $(STAMP)
 
@@ -52,3 +52,7 @@ lint: setup
 
 clean-cache:
 	rm -rf .cache/imgpipe
+
+# The wheels a lent GPU machine lacks (MLflow and what it needs), for bench/device.sh there.
+device-wheels: setup
+	$(BIN)/python bench/device_wheels.py

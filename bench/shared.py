@@ -62,10 +62,9 @@ def make_dataset(folder: Path, n: int, workers: int, start: int = 0,
                          "split": "train"})
 
 
-def run_stages(folder: Path, stages: tuple[str, ...],
-               overrides: dict[str, Any]) -> None:
-    """Run the real stages in folder (data/raw already there): params.yaml's defaults, and
-    overrides by section ({"preprocess": {"image_size": 64}}) or top-level key ({"lr": 0.1})."""
+def write_params(folder: Path, overrides: dict[str, Any]) -> None:
+    """params.yaml in folder: the shipped defaults, and overrides by section
+    ({"preprocess": {"image_size": 64}}) or top-level key ({"lr": 0.1})."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -73,11 +72,32 @@ def run_stages(folder: Path, stages: tuple[str, ...],
         else:
             params[key] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_stage(folder: Path, stage: str) -> float:
+    """`python -m stages.<stage>` in folder, its output in folder/logs/; returns its seconds.
+    It fails with the log's last lines."""
+    # The caller's PYTHONPATH stays: on a device machine it holds the carried wheels.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
-    env["PYTHONPATH"] = str(ROOT)
+    log = folder / "logs" / f"{stage}.log"
+    log.parent.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=folder,
+                              env=env | {"PYTHONPATH": path}, stdout=out, stderr=out)
+    if done.returncode:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        sys.exit(f"stage {stage} failed in {folder} (exit {done.returncode}); {log} ends:\n{tail}")
+    return time.perf_counter() - started
+
+
+def run_stages(folder: Path, stages: tuple[str, ...],
+               overrides: dict[str, Any]) -> None:
+    """Run the real stages in folder (data/raw already there) with overrides (write_params)."""
+    write_params(folder, overrides)
     for stage in stages:
-        subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=folder, env=env,
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_stage(folder, stage)
 
 
 def train_rows(folder: Path) -> pd.DataFrame:
