@@ -125,7 +125,9 @@ class Train(Section):
         None, "weights to start from: `null` (none), `true` (the model's default weights), a "
               "torchvision weights name (`IMAGENET1K_V2`), a timm tag (`in1k`), an "
               "`hf-hub:` id, or a local file (in `weights/`)", read_by=("preprocess", "train"))
-    epochs: int = knob(15, "passes over the training data", ge=1)
+    epochs: int = knob(15, "passes over the training data; `0` with pretrained weights: the "
+                           "head fitted on their frozen features alone (the linear probe)",
+                       ge=0)
     batch_size: int = knob(64, "images per step, in total over all GPUs (also used by "
                                "`evaluate`)", ge=1, read_by=("train", "evaluate"))
     optimizer: Literal["sgd", "adamw"] = knob("sgd", "`sgd` or `adamw`")
@@ -173,6 +175,15 @@ class Train(Section):
     register_as: str | None = knob(None, "register the servable model in the MLflow model "
                                          "registry under this name", min_length=1,
                                    read_by=("evaluate",))
+
+    @model_validator(mode="after")
+    def _epochs_0_keeps_a_probe(self) -> Train:
+        if self.epochs == 0 and (self.pretrained in (None, False) or not self.head_first):
+            why = ("train.pretrained is null" if self.pretrained in (None, False)
+                   else "train.head_first is false")
+            raise ValueError(f"train.epochs is 0, which keeps only the head fitted on "
+                             f"pretrained features, but {why}: set train.epochs to 1 or more")
+        return self
 
 
 class Evaluate(Section):

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -579,6 +580,10 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
         warn_outside_weights(Path(str(t.pretrained)))
     head = finetune.new_head(net, list(loaded.new)) if pretrained else None
     head_fitted_first = head is not None and t.head_first  # LP-FT: the probe is epoch 0
+    if epochs == 0 and not head_fitted_first:  # params ruled out the other reasons
+        raise UserError(f"train.epochs is 0, which keeps only a new head fitted on pretrained "
+                        f"features, but {t.pretrained} leaves no new linear head on {t.model} "
+                        "to fit: set train.epochs to 1 or more")
     clip = gradient_clip(t.clip_grad_norm, pretrained)
     if resume:
         net.load_state_dict(resume["model"])
@@ -593,6 +598,8 @@ def train(p: params.Params, meta: dict[str, Any], run: Any, key: str,
                   f"(backbone lr x{t.backbone_lr}{', batch norm frozen' if t.freeze_bn else ''})"
                   if pretrained else "")
         tuning += f", gradient norm clipped at {clip:g}" if clip else ""
+        if epochs == 0:
+            tuning = ", only the new head, fitted on frozen features (the linear probe)"
         print(f"{where}: {t.model} on {device}"
               f"{f' x {shard.world} processes' if shard.world > 1 else ''}, "
               f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
@@ -735,6 +742,8 @@ def enable_system_metrics() -> None:
     import mlflow
 
     mlflow.enable_system_metrics_logging()
+    # Its monitor says at INFO that it started and stopped, around every line of ours.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 @cli

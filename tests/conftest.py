@@ -46,6 +46,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **extra_env: str
     return proc
 
 
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The command failed with exit 1 and a single `error:` line, no traceback."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
 def dvc(repo: Path, *args: str, check: bool = True, **extra_env: str
         ) -> subprocess.CompletedProcess:
     """Run the real dvc CLI in repo."""

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import dvc, mlflow_runs, set_params
+from conftest import dvc, mlflow_runs, one_line_error, run, set_params
 from torch import nn
 
 from stages import finetune
@@ -145,6 +145,32 @@ def test_fine_tuning_starts_from_a_fitted_head_kept_as_epoch_0(clone_built):
     torch.save(state, repo / "weights/digits.pt")
     status = dvc(repo, "status", "train").stdout
     assert "modified:           weights" in status
+
+
+def test_epochs_0_keeps_the_fitted_head_alone(clone_built):
+    repo = clone_built()
+    shutil.copy(repo / "models/model.pt", repo / "weights/digits.pt")
+    for gone in ("eight", "nine"):  # eight classes: the file's head of ten is left out
+        shutil.rmtree(repo / "data/raw" / gone)
+    set_params(repo, train={"pretrained": "weights/digits.pt", "epochs": 0})
+    out = dvc(repo, "repro").stdout
+    assert "0 epochs, " in out and "only the new head, fitted on frozen features" in out
+    epochs = pd.read_csv(repo / "metrics/epochs.csv")
+    assert epochs["epoch"].tolist() == [0]
+    best = json.loads((repo / "metrics/train.json").read_text())
+    assert best == {"best_epoch": 0, "epochs": 0,
+                    "val_loss": pytest.approx(epochs["val_loss"][0]),
+                    "val_acc": pytest.approx(epochs["val_acc"][0])}
+    assert best["val_acc"] > 0.5  # the probe, written as the model and scored by evaluate
+    assert json.loads((repo / "metrics/eval.json").read_text())["accuracy"] > 0.5
+
+    # A file that fits every layer leaves no new head to fit: one line, before any work.
+    shutil.copy(repo / "models/model.pt", repo / "weights/eight.pt")
+    set_params(repo, train={"pretrained": "weights/eight.pt", "epochs": 0})
+    line = one_line_error(run(["python", "-m", "stages.train"], repo, check=False))
+    assert line == ("error: train.epochs is 0, which keeps only a new head fitted on pretrained "
+                    "features, but weights/eight.pt leaves no new linear head on smallcnn to "
+                    "fit: set train.epochs to 1 or more")
 
 
 def test_a_local_file_outside_weights_is_named(clone_built):

@@ -98,9 +98,15 @@ def test_a_mistyped_key_is_refused_with_the_closest_name():
 
 
 @pytest.mark.parametrize("raw, line", [
-    ({"train": {"epochs": "ten"}}, "train.epochs is 'ten': use a whole number >= 1"),
-    ({"train": {"epochs": 0}}, "train.epochs is 0: use a whole number >= 1"),
-    ({"train": {"epochs": 2.5}}, "train.epochs is 2.5: use a whole number >= 1"),
+    ({"train": {"epochs": "ten"}}, "train.epochs is 'ten': use a whole number >= 0"),
+    ({"train": {"epochs": -1}}, "train.epochs is -1: use a whole number >= 0"),
+    ({"train": {"epochs": 2.5}}, "train.epochs is 2.5: use a whole number >= 0"),
+    ({"train": {"epochs": 0}}, "train.epochs is 0, which keeps only the head fitted on "
+                               "pretrained features, but train.pretrained is null: set "
+                               "train.epochs to 1 or more"),
+    ({"train": {"epochs": 0, "pretrained": True, "head_first": False}},
+     "train.epochs is 0, which keeps only the head fitted on pretrained features, but "
+     "train.head_first is false: set train.epochs to 1 or more"),
     ({"index": {"val_fraction": 1.5}}, "index.val_fraction is 1.5: use a number >= 0 and < 1"),
     ({"index": {"max_pixels": 0}}, "index.max_pixels is 0: use a whole number >= 1 or null"),
     ({"train": {"workers": -1}}, "train.workers is -1: use auto or a whole number >= 0"),
@@ -117,7 +123,7 @@ def test_a_wrong_type_or_range_names_the_key_and_what_it_accepts(raw, line):
 
 
 def test_several_problems_are_one_line_that_counts_the_rest():
-    line = parse_error({"train": {"epochs": 0, "workers": -1}, "lr": -1})
+    line = parse_error({"train": {"epochs": -1, "workers": -1}, "lr": -1})
     assert "\n" not in line and line.endswith("(and 2 more keys to fix)")
 
 

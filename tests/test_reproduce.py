@@ -11,7 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import FAST_PARAMS, copy_repo, dvc, git, mlflow_runs, run, set_params
+from conftest import (
+    FAST_PARAMS,
+    copy_repo,
+    dvc,
+    git,
+    mlflow_runs,
+    one_line_error,
+    run,
+    set_params,
+)
 
 from stages import reproduce
 from stages.reproduce import Row
@@ -30,15 +39,6 @@ def reproduce_cli(repo: Path, run_id: str) -> subprocess.CompletedProcess:
 def train_runs(repo: Path) -> list:
     """The repo's imgpipe train runs, newest first."""
     return [r for r in mlflow_runs(repo) if r.data.tags.get("imgpipe.stage") == "train"]
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The command failed with exit 1 and a single `error:` line, no traceback."""
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

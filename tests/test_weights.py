@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import ROOT, run
+from conftest import ROOT, one_line_error, run
 from huggingface_hub.file_download import repo_folder_name
 
 from bench.weights import ARCH, DAISY, TAG, convert, flower, save
@@ -65,13 +65,6 @@ def build_and_record(name: str, classes: int, pretrained: object) -> str:
 def record_of(proc) -> dict[str, str]:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def one_line_error(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------- torchvision
