@@ -372,49 +372,50 @@ def train_epoch(s: Step, loader: Any, first_step: int, log: Any, log_every: int,
     seen, waited, started = 0, 0.0, time.perf_counter()
     warmup = min(WARMUP_STEPS, len(loader) // 2)  # a short epoch keeps half its steps steady
     warm_seconds, warm_seen = 0.0, 0
-    bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not shard.main)
-    batches = iter(loader)
-    for i in range(len(loader)):
-        ready = time.perf_counter()
-        x, y = next(batches)
-        waited += time.perf_counter() - ready
-        x = augment(to_device(x, s.device, s.meta, whole=True), s.settings, s.meta)
-        x = x.contiguous(memory_format=MEMORY_FORMAT)
-        y = y.to(s.device, non_blocking=True)
+    # A with block: a NaN loss raised in it clears the bar first, so its error starts a line.
+    with tqdm(total=len(loader), desc=desc, unit="batch", leave=False,
+              disable=not shard.main) as bar:
+        batches = iter(loader)
+        for i in range(len(loader)):
+            ready = time.perf_counter()
+            x, y = next(batches)
+            waited += time.perf_counter() - ready
+            x = augment(to_device(x, s.device, s.meta, whole=True), s.settings, s.meta)
+            x = x.contiguous(memory_format=MEMORY_FORMAT)
+            y = y.to(s.device, non_blocking=True)
 
-        s.optimizer.zero_grad(set_to_none=True)
-        with autocast(s.device):
-            out = s.model(x)
-            loss = s.loss_fn(out, y)
-        s.scaler.scale(loss).backward()
-        if s.clip:
-            s.scaler.unscale_(s.optimizer)
-            nn.utils.clip_grad_norm_(s.model.parameters(), s.clip)
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            with autocast(s.device):
+                out = s.model(x)
+                loss = s.loss_fn(out, y)
+            s.scaler.scale(loss).backward()
+            if s.clip:
+                s.scaler.unscale_(s.optimizer)
+                nn.utils.clip_grad_norm_(s.model.parameters(), s.clip)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+            s.scheduler.step()
 
-        loss = loss.detach()
-        pending.append(loss)
-        total_loss += loss * len(y)
-        correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-        if i + 1 == warmup:
-            if s.device.type == "cuda":  # the clock must see the queued steps done, not issued
-                torch.cuda.synchronize(s.device)
-            warm_seconds, warm_seen = time.perf_counter() - started, seen
-        bar.update()
-        if (i + 1) % log_every == 0 or i + 1 == len(loader):
-            check_finite(pending, first_step + i + 1 - len(pending), shard)
-            values = torch.stack(pending).tolist()
-            pending = []
-            if log is not None:  # every step's own loss, written in one batch
-                log.series("step_loss", values, first_step + i + 2 - len(values))
-            if shard.main:
-                rate = seen * shard.world / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{values[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{rate:.0f}")
-    bar.close()
+            loss = loss.detach()
+            pending.append(loss)
+            total_loss += loss * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            if i + 1 == warmup:
+                if s.device.type == "cuda":  # the clock must see the queued steps done, not issued
+                    torch.cuda.synchronize(s.device)
+                warm_seconds, warm_seen = time.perf_counter() - started, seen
+            bar.update()
+            if (i + 1) % log_every == 0 or i + 1 == len(loader):
+                check_finite(pending, first_step + i + 1 - len(pending), shard)
+                values = torch.stack(pending).tolist()
+                pending = []
+                if log is not None:  # every step's own loss, written in one batch
+                    log.series("step_loss", values, first_step + i + 2 - len(values))
+                if shard.main:
+                    rate = seen * shard.world / (time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{values[-1]:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    img_s=f"{rate:.0f}")
     sums = torch.stack([total_loss.float(), correct.float(),
                         torch.tensor(float(seen), device=s.device),
                         torch.tensor(float(warm_seen), device=s.device)])
