@@ -1,6 +1,6 @@
 """Transfer learning on real images: scratch vs a frozen linear probe vs the default fine-tune.
 
-    python bench/transfer.py [--per-class 40] [--size 224] [--epochs N]
+    python bench/transfer.py [--per-class 40] [--size 224] [--epochs N] [--resize auto]
 
 Data: a stratified sample of Debian's openclipart-png (clip-art PNGs in 22 category
 folders under /usr/share/openclipart/png; `apt-get install openclipart-png`), the same
@@ -65,6 +65,13 @@ def held_out(folder: Path) -> str:
     return "test" if files.get("test", {}).get("shards") else "val"
 
 
+def stored(folder: Path) -> str:
+    """How preprocess stored the images: side, model's crop, resize mode and resampling."""
+    meta = read_meta(folder / "data/tensors")
+    return (f"{meta['image_size']} px, centre {meta['crop_size']}, {meta['resize']}, "
+            f"{meta['interpolation']}")
+
+
 def stage_row(name: str, folder: Path, train: dict, started: float) -> dict:
     """Run train and evaluate with these train params; the held-out scores and the time."""
     run_stages(folder, ("train", "evaluate"), {"train": train})
@@ -104,6 +111,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=40, help="images per category")
     parser.add_argument("--size", type=int, default=224, help="preprocess.image_size")
     parser.add_argument("--epochs", type=int, help="train.epochs (default: params.yaml's)")
+    parser.add_argument("--resize", default="auto", choices=("auto", "squash", "crop"),
+                        help="preprocess.resize (auto: the weights' own, crop for Lite0)")
     parser.add_argument("--source", type=Path, default=OPENCLIPART)
     args = parser.parse_args()
     if not args.source.is_dir():
@@ -115,7 +124,11 @@ def main() -> None:
         weights = save(convert(), folder / f"{ARCH}.pth")
         images = sample(args.source, folder / "data/raw", args.per_class)
         started = time.perf_counter()
-        run_stages(folder, ("index", "preprocess"), {"preprocess": {"image_size": args.size}})
+        # Stored as the weights' eval transforms say (crop_pct, resize, interpolation: auto),
+        # as for a user who sets the model and its weights; all three variants read them.
+        run_stages(folder, ("index", "preprocess"),
+                   {"preprocess": {"image_size": args.size, "resize": args.resize},
+                    "train": {"model": ARCH, "pretrained": str(weights)}})
         shared = time.perf_counter() - started
         counts = {s: len(SplitDataset(folder / "data/tensors", s)) for s in ("train", "val")}
         split = held_out(folder)
@@ -123,7 +136,7 @@ def main() -> None:
         print(f"machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} "
               f"threads; {images} openclipart images in 22 classes at {args.size} px: "
               f"{counts['train']} train, {counts['val']} val, scored on {held} {split}; "
-              f"index + preprocess {shared:.0f} s")
+              f"stored as {stored(folder)}; index + preprocess {shared:.0f} s")
         rows = [stage_row("scratch", folder, {"model": ARCH, **extra}, time.perf_counter()),
                 probe_row(folder, weights, time.perf_counter()),
                 stage_row("fine-tune", folder,

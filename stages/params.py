@@ -91,9 +91,10 @@ class Preprocess(Section):
     """The preprocess stage: how images become tensors."""
 
     image_size: int = knob(16, "the model sees `image_size` x `image_size` pixels", ge=1)
-    resize: Literal["squash", "crop"] = knob(
-        "squash", "`squash` stretches to a square; `crop` scales the short side, then "
-                  "centre-crops")
+    resize: Literal["auto", "squash", "crop"] = knob(
+        "auto", "`squash` stretches to a square; `crop` scales the short side, then "
+                "centre-crops; `auto`: pretrained weights' own (`crop` for torchvision's and "
+                "most of timm's), else `squash`")
     interpolation: Literal["auto", "bicubic", "bilinear", "lanczos", "nearest"] = knob(
         "auto", "how images are resampled to their stored size: `auto`: pretrained weights' own "
                 "(bilinear for torchvision's, mostly bicubic for timm's), else bicubic")

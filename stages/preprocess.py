@@ -1,8 +1,8 @@
 """Preprocess stage: decode, resize and normalise every image once, into data/tensors/.
 
-Images are stored at image_size / crop_pct (`stored_as`: with `auto`, the resize of
-pretrained weights' own eval transforms), so that the model's centre crop of image_size
-leaves training's random crops room; meta.json records both sizes.
+Images are stored at image_size / crop_pct (`stored_as`: with `auto`, the resize, resize
+mode and resampling of pretrained weights' own eval transforms), so that the model's centre
+crop of image_size leaves training's random crops room; meta.json records both sizes.
 
 How it stays fast, incremental and small in memory:
 - Decoded, resized pixels are kept in a content-addressed cache outside DVC's
@@ -372,27 +372,31 @@ def preprocess(manifest: pd.DataFrame, size: int, resize: str, normalize: str, w
 
 @dataclass(frozen=True)
 class Stored:
-    """How images are stored: the side (with room around the model's centre crop) and the
-    resampling, and where both came from (for the start line)."""
+    """How images are stored: the side (with room around the model's centre crop), the resize
+    mode and the resampling, and where they came from (for the start line)."""
 
     size: int
+    resize: str
     interpolation: str
     why: str
 
 
 def stored_as(settings: params.Preprocess, t: params.Train) -> Stored:
-    """preprocess.crop_pct and preprocess.interpolation resolved. `auto` follows pretrained
-    weights' eval transforms (torchvision's resize 256 for a 224 crop, bilinear; timm's
-    crop_pct and interpolation); without weights, no room and bicubic. An explicit setting
-    wins, with a warning that names both when it differs from the weights'."""
+    """preprocess.crop_pct, .resize and .interpolation resolved. `auto` follows pretrained
+    weights' eval transforms (torchvision's: the short side to 256 for a 224 crop, bilinear;
+    timm's crop_pct, crop_mode and interpolation); without weights: no room, squash, bicubic.
+    An explicit setting wins, with a warning that names both when it differs from the weights'."""
     wanted = resolve_preprocessing(t.model, t.pretrained) if t.pretrained else None
     weights: dict[str, Any] = {}  # what the weights say, where they say it
     if wanted and wanted.crop_pct:
         weights["crop_pct"] = wanted.crop_pct
+    if wanted and wanted.resize:
+        weights["resize"] = wanted.resize
     if wanted and wanted.interpolation in INTERPOLATIONS:  # not e.g. timm's "random"
         weights["interpolation"] = wanted.interpolation
     chosen, whence = {}, []
-    for key, fallback in (("crop_pct", 1.0), ("interpolation", DEFAULT_INTERPOLATION)):
+    for key, fallback in (("crop_pct", 1.0), ("resize", "squash"),
+                          ("interpolation", DEFAULT_INTERPOLATION)):
         value = getattr(settings, key)
         if value == "auto":
             chosen[key] = weights.get(key, fallback)
@@ -406,9 +410,9 @@ def stored_as(settings: params.Preprocess, t: params.Train) -> Stored:
                   "the explicit setting wins; use auto to follow the weights")
     size = math.floor(settings.image_size / chosen["crop_pct"] + 1e-6)  # as timm's, float-safe
     source = wanted.why if weights else "no pretrained weights"
-    return Stored(size, chosen["interpolation"],
-                  f"crop_pct {chosen['crop_pct']:.4g}, {chosen['interpolation']} "
-                  f"({', '.join(whence)}: {source})")
+    return Stored(size, chosen["resize"], chosen["interpolation"],
+                  f"crop_pct {chosen['crop_pct']:.4g}, {chosen['resize']}, "
+                  f"{chosen['interpolation']} ({', '.join(whence)}: {source})")
 
 
 @cli
@@ -429,12 +433,12 @@ def main() -> None:
           f"{settings.image_size} px: {stored.why}", flush=True)
     with tracking.stage_run(p.mlflow.experiment, "preprocess",
                             {"preprocess": settings.model_dump(), "workers": workers,
-                             "stored_size": stored.size,
+                             "stored_size": stored.size, "stored_resize": stored.resize,
                              "stored_interpolation": stored.interpolation},
                             data_version):
         import mlflow
 
-        stats = preprocess(manifest, stored.size, settings.resize, settings.normalize,
+        stats = preprocess(manifest, stored.size, stored.resize, settings.normalize,
                            workers, OUT, data_version, settings.storage, settings.shard_mb,
                            crop_size=settings.image_size, interpolation=stored.interpolation)
         write_json(METRICS, stats)

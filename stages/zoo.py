@@ -71,8 +71,11 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str  # bilinear | bicubic | nearest ...
     crop_size: int | None  # model input side; None: not fixed by the weights
-    resize_size: int | None  # shorter side before the centre crop (eval)
+    resize_size: int | None  # side before the centre crop (eval)
     why: str  # one phrase for the start line: where these values came from
+    # How the image reaches resize_size: `crop` scales the short side (torchvision's and
+    # timm's usual `center`), `squash` stretches both sides (timm's `squash`); None: no weights.
+    resize: str | None = None
 
     @property
     def crop_pct(self) -> float | None:
@@ -278,7 +281,7 @@ def resolve_preprocessing(name: str, pretrained: Any = None) -> Preprocessing:
 def _from_torchvision(weights: Any, why: str) -> Preprocessing:
     t = weights.transforms()  # ImageClassification: plain attributes, nothing is read
     return Preprocessing(_triple(t.mean), _triple(t.std), t.interpolation.value,
-                         int(t.crop_size[0]), int(t.resize_size[0]), why)
+                         int(t.crop_size[0]), int(t.resize_size[0]), why, "crop")
 
 
 def _from_timm(cfg: dict[str, Any], why: str) -> Preprocessing:
@@ -287,8 +290,11 @@ def _from_timm(cfg: dict[str, Any], why: str) -> Preprocessing:
     data = resolve_data_config(pretrained_cfg=cfg)
     crop = int(data["input_size"][-1])
     resize = math.floor(crop / data["crop_pct"])  # as timm's transforms_factory
+    # timm's `border` pads the long side instead of cropping the short one; both keep the
+    # aspect ratio, and imgpipe has no padding, so it is read as `crop`.
+    mode = "squash" if data.get("crop_mode") == "squash" else "crop"
     return Preprocessing(_triple(data["mean"]), _triple(data["std"]), data["interpolation"],
-                         crop, resize, why)
+                         crop, resize, why, mode)
 
 
 def _triple(values: Any) -> tuple[float, float, float]:

@@ -275,6 +275,22 @@ def test_repro_after_adding_images_takes_the_rest_from_the_cache(clone_built):
     assert run.data.params["preprocess.storage"] == logged
 
 
+def test_pretrained_weights_choose_the_stored_size_resize_and_resampling(clone_built):
+    """timm's tf_efficientnet_lite0 weights (their config, read offline; nothing is loaded):
+    stored at 16 / 0.875 = 18 px, short side then centre crop, bicubic, and the start line
+    says so and why; meta.json keeps the resolved values that predict and serving read."""
+    repo = clone_built()
+    set_params(repo, train={"model": "tf_efficientnet_lite0", "pretrained": True},
+               preprocess={"image_size": 16})
+    out = dvc(repo, "repro", "preprocess").stdout
+    assert ("images stored at 18 px, the model sees their centre 16 px: crop_pct 0.875, crop, "
+            "bicubic (crop_pct auto, resize auto, interpolation auto: timm's pretrained_cfg "
+            "of tf_efficientnet_lite0") in out, out
+    meta = read_meta(repo / "data/tensors")
+    assert (meta["image_size"], meta["crop_size"], meta["resize"], meta["interpolation"]) == (
+        18, 16, "crop", "bicubic")
+
+
 def test_repro_after_adding_images_rewrites_only_the_shards_they_land_in(clone_built):
     repo = clone_built()
     set_params(repo, preprocess={"shard_mb": 0.01})  # about 27 digits a shard at 8 px
@@ -329,30 +345,35 @@ def test_crop_pct_stores_room_to_crop_and_predict_cuts_the_same_centre(tmp_path,
     assert torch.equal(predict.model_input(pixels, checkpoint, torch.device("cpu")), fed)
 
 
-@pytest.mark.parametrize(("model", "pretrained", "crop_pct", "stored", "interpolation"), [
-    ("smallcnn", None, "auto", 224, "bicubic"),                # no weights: no crop
-    ("resnet18", None, 0.875, 256, "bicubic"),                 # explicit
-    ("tf_efficientnet_lite0", True, "auto", 256, "bicubic"),   # timm's crop_pct 0.875
-    ("resnet50", "IMAGENET1K_V2", "auto", 232, "bilinear"),    # torchvision: 232, crop 224
+@pytest.mark.parametrize(("model", "pretrained", "crop_pct", "stored", "resize", "interpolation"), [
+    ("smallcnn", None, "auto", 224, "squash", "bicubic"),               # no weights: no crop
+    ("resnet18", None, 0.875, 256, "squash", "bicubic"),                # explicit
+    ("tf_efficientnet_lite0", True, "auto", 256, "crop", "bicubic"),    # timm's crop_pct 0.875
+    ("resnet50", "IMAGENET1K_V2", "auto", 232, "crop", "bilinear"),     # torchvision: 232, crop 224
+    ("timm/convnext_tiny", "fb_in22k_ft_in1k_384", "auto", 384, "squash", "bicubic"),  # squash
 ])
-def test_crop_and_interpolation_auto_follow_the_weights_eval_transforms(
-        model, pretrained, crop_pct, stored, interpolation, capsys):
-    settings = params.Preprocess(image_size=224, crop_pct=crop_pct)
+def test_crop_resize_and_interpolation_auto_follow_the_weights_eval_transforms(
+        model, pretrained, crop_pct, stored, resize, interpolation, capsys):
+    size = 384 if "384" in str(pretrained) else 224
+    settings = params.Preprocess(image_size=size, crop_pct=crop_pct)
     got = stored_as(settings, params.Train(model=model, pretrained=pretrained))
-    assert (got.size, got.interpolation) == (stored, interpolation)
+    assert (got.size, got.resize, got.interpolation) == (stored, resize, interpolation)
     assert ("crop_pct auto" in got.why) == (crop_pct == "auto")
+    assert "resize auto" in got.why
     assert "warning" not in capsys.readouterr().out
 
 
-def test_an_explicit_crop_or_interpolation_wins_over_the_weights_with_a_warning(capsys):
-    settings = params.Preprocess(image_size=224, crop_pct=1.0, interpolation="bicubic")
+def test_an_explicit_crop_resize_or_interpolation_wins_over_the_weights_with_a_warning(capsys):
+    settings = params.Preprocess(image_size=224, crop_pct=1.0, resize="squash",
+                                 interpolation="bicubic")
     got = stored_as(settings, params.Train(model="resnet50", pretrained="IMAGENET1K_V2"))
-    assert (got.size, got.interpolation) == (224, "bicubic")
+    assert (got.size, got.resize, got.interpolation) == (224, "squash", "bicubic")
     warnings = capsys.readouterr().out.splitlines()
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "preprocess.crop_pct is 1.0, but torchvision's transforms" in warnings[0]
     assert "says 0.9655" in warnings[0]
-    assert "preprocess.interpolation is bicubic" in warnings[1] and "says bilinear" in warnings[1]
+    assert "preprocess.resize is squash" in warnings[1] and "says crop" in warnings[1]
+    assert "preprocess.interpolation is bicubic" in warnings[2] and "says bilinear" in warnings[2]
 
 
 def test_interpolation_is_applied_and_keys_its_own_cache(tmp_path, cache):
