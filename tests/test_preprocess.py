@@ -345,16 +345,17 @@ def test_crop_pct_stores_room_to_crop_and_predict_cuts_the_same_centre(tmp_path,
     assert torch.equal(predict.model_input(pixels, checkpoint, torch.device("cpu")), fed)
 
 
-@pytest.mark.parametrize(("model", "pretrained", "crop_pct", "stored", "resize", "interpolation"), [
-    ("smallcnn", None, "auto", 224, "squash", "bicubic"),               # no weights: no crop
-    ("resnet18", None, 0.875, 256, "squash", "bicubic"),                # explicit
-    ("tf_efficientnet_lite0", True, "auto", 256, "crop", "bicubic"),    # timm's crop_pct 0.875
-    ("resnet50", "IMAGENET1K_V2", "auto", 232, "crop", "bilinear"),     # torchvision: 232, crop 224
-    ("timm/convnext_tiny", "fb_in22k_ft_in1k_384", "auto", 384, "squash", "bicubic"),  # squash
-])
+@pytest.mark.parametrize(
+    ("model", "pretrained", "size", "crop_pct", "stored", "resize", "interpolation"), [
+        ("smallcnn", None, 224, "auto", 224, "squash", "bicubic"),             # no weights
+        ("resnet18", None, 224, 0.875, 256, "squash", "bicubic"),              # explicit
+        ("tf_efficientnet_lite0", True, 224, "auto", 256, "crop", "bicubic"),  # timm: 0.875
+        ("resnet50", "IMAGENET1K_V2", 224, "auto", 232, "crop", "bilinear"),   # torchvision
+        ("timm/convnext_tiny", "fb_in22k_ft_in1k_384", 384, "auto", 384, "squash",
+         "bicubic"),                                                            # timm: squash
+    ])
 def test_crop_resize_and_interpolation_auto_follow_the_weights_eval_transforms(
-        model, pretrained, crop_pct, stored, resize, interpolation, capsys):
-    size = 384 if "384" in str(pretrained) else 224
+        model, pretrained, size, crop_pct, stored, resize, interpolation, capsys):
     settings = params.Preprocess(image_size=size, crop_pct=crop_pct)
     got = stored_as(settings, params.Train(model=model, pretrained=pretrained))
     assert (got.size, got.resize, got.interpolation) == (stored, resize, interpolation)
